@@ -1,0 +1,354 @@
+"""The Taobao "Ad Display/Click" dataset: three CSVs -> cached, encoded train/test splits.
+
+Protocol of the literature for this dataset: the last day (2017-05-13, Beijing time) is the
+test split, the days before are train. Vocabularies come from the train split only; test ids
+never seen in train map to an OOV index, and missing values (empty profile levels, `NULL`
+brands, users absent from user_profile.csv) get an index of their own instead of a guess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from datamodules.base import CTRDataModule, DataError, FeatureSpec, PreparedData
+from datamodules.clients import ClientTable
+
+log = logging.getLogger("fltk.data")
+
+CACHE_VERSION = "1"
+MISSING_INDEX = 0  # the value was absent in the raw data
+OOV_INDEX = 1  # the value was not in the train vocabulary (unseen or rarer than min_count)
+FIRST_VOCAB_INDEX = 2
+
+RAW_SAMPLE = "raw_sample.csv"
+USER_PROFILE = "user_profile.csv"
+AD_FEATURE = "ad_feature.csv"
+
+# Expected columns (after stripping header whitespace) and how to read them.
+SCHEMAS: dict[str, dict[str, pl.DataType]] = {
+    RAW_SAMPLE: {
+        "user": pl.Int64(), "time_stamp": pl.Int64(), "adgroup_id": pl.Int64(),
+        "pid": pl.String(), "nonclk": pl.Int64(), "clk": pl.Int64(),
+    },
+    USER_PROFILE: {
+        "userid": pl.Int64(), "cms_segid": pl.Int64(), "cms_group_id": pl.Int64(),
+        "final_gender_code": pl.Int64(), "age_level": pl.Int64(), "pvalue_level": pl.Int64(),
+        "shopping_level": pl.Int64(), "occupation": pl.Int64(),
+        "new_user_class_level": pl.Int64(),
+    },
+    AD_FEATURE: {
+        "adgroup_id": pl.Int64(), "cate_id": pl.Int64(), "campaign_id": pl.Int64(),
+        "customer": pl.Int64(), "brand": pl.Int64(), "price": pl.Float64(),
+    },
+}
+
+CATEGORICAL_COLUMNS = [
+    "user", "adgroup_id", "pid",
+    "cms_segid", "cms_group_id", "final_gender_code", "age_level", "pvalue_level",
+    "shopping_level", "occupation", "new_user_class_level",
+    "cate_id", "campaign_id", "customer", "brand",
+]
+DERIVED_SPARSE = ["hour"]  # hour of day (local time); the raw Unix time is never an input
+DENSE_COLUMNS = ["price"]
+
+
+def _read_columns(path: Path) -> list[str]:
+    """The stripped header of a CSV (the real user_profile.csv ends in 'new_user_class_level ')."""
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        header = f.readline()
+    if not header.strip():
+        raise DataError(f"{path}: the file is empty; expected a header line")
+    return [c.strip() for c in header.rstrip("\r\n").split(",")]
+
+
+def _scan(path: Path) -> pl.LazyFrame:
+    """Lazy scan of one Taobao CSV with stripped header names and checked columns."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (a Taobao data_dir holds "
+                        f"{RAW_SAMPLE}, {USER_PROFILE} and {AD_FEATURE})")
+    schema = SCHEMAS[path.name]
+    columns = _read_columns(path)
+    missing = [c for c in schema if c not in columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {columns}")
+    return pl.scan_csv(
+        path,
+        has_header=True,
+        new_columns=columns,
+        schema_overrides=schema,
+        null_values=["NULL", ""],
+    ).select(list(schema))
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    """Cheap identity of a source file: size, mtime and a hash of its first and last MiB."""
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        if stat.st_size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            digest.update(f.read())
+    return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sha256_ends": digest.hexdigest()}
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    from recsys.metrics import auc  # local: recsys is heavier to import than datamodules
+
+    return auc(torch.from_numpy(scores), torch.from_numpy(labels))
+
+
+class TaobaoDataModule(CTRDataModule):
+    """Taobao Ad Display/Click data, real (data_dir) or synthetic (generated when data_dir is unset).
+
+    Args:
+        data_dir: folder with raw_sample.csv, user_profile.csv and ad_feature.csv. Unset: synthetic
+            data in the real format is generated (num_rows rows, from `seed`) under cache_dir.
+        num_rows: rows of synthetic data to generate (ignored with data_dir).
+        sparse_features: categorical inputs, each with its own embedding table. Allowed: the
+            categorical columns of the three files and the derived `hour` (hour of day).
+        dense_features: continuous inputs; allowed: `price` (log1p, standardized on train).
+        min_count: ids seen fewer times in train share the OOV index.
+        utc_offset_hours: the time zone of the day boundaries (the dataset's days are Beijing time).
+        test_days: number of last days held out as the test split.
+        cache_dir: where generated data and preprocessed parquet caches live.
+        batch_size, eval_batch_size, min_client_samples, seed: see CTRDataModule.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        num_rows: int = 200_000,
+        sparse_features: list[str] | None = None,
+        dense_features: list[str] | None = None,
+        min_count: int = 1,
+        utc_offset_hours: int = 8,
+        test_days: int = 1,
+        cache_dir: str | None = None,
+        batch_size: int = 256,
+        eval_batch_size: int = 65536,
+        min_client_samples: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, min_client_samples, seed)
+        self.sparse_features = list(CATEGORICAL_COLUMNS if sparse_features is None
+                                    else sparse_features)
+        self.dense_features = list(DENSE_COLUMNS if dense_features is None else dense_features)
+        allowed_sparse = CATEGORICAL_COLUMNS + DERIVED_SPARSE
+        for name in self.sparse_features:
+            if name not in allowed_sparse:
+                raise ValueError(f"data.sparse_features: unknown feature {name!r}; "
+                                 f"expected some of {allowed_sparse}")
+        for name in self.dense_features:
+            if name not in DENSE_COLUMNS:
+                raise ValueError(f"data.dense_features: unknown feature {name!r}; "
+                                 f"expected some of {DENSE_COLUMNS}")
+        if not self.sparse_features:
+            raise ValueError("data.sparse_features must name at least one feature")
+        if min_count < 1 or test_days < 1 or num_rows < 1:
+            raise ValueError("data.min_count, data.test_days and data.num_rows must be >= 1")
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.num_rows = num_rows
+        self.min_count = min_count
+        self.utc_offset_hours = utc_offset_hours
+        self.test_days = test_days
+        self.cache_dir = Path(cache_dir or os.environ.get("FLTK_CACHE")
+                              or Path.home() / ".cache" / "fltk")
+
+    # ------------------------------------------------------------------ sources
+    def source_dir(self) -> Path:
+        """The folder of the three CSVs; synthetic data is generated there once if needed."""
+        if self.data_dir is not None:
+            if not self.data_dir.is_dir():
+                raise DataError(f"data.data_dir {self.data_dir}: no such directory")
+            return self.data_dir
+        from datamodules.synthetic import GENERATOR_VERSION, generate_taobao
+
+        out = self.cache_dir / "synthetic" / (
+            f"taobao_rows{self.num_rows}_seed{self.seed}_v{GENERATOR_VERSION}")
+        if not (out / "synthetic_meta.json").is_file():
+            log.info("generating %d rows of synthetic Taobao data in %s", self.num_rows, out)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_ensure(out.parent)))
+            try:
+                generate_taobao(tmp, num_rows=self.num_rows, seed=self.seed)
+                shutil.rmtree(out, ignore_errors=True)
+                tmp.rename(out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    def cache_key(self, source: Path) -> str:
+        """Hash of everything the cached parquet depends on: config and source files."""
+        config = {
+            "version": CACHE_VERSION,
+            "sparse": self.sparse_features,
+            "dense": self.dense_features,
+            "min_count": self.min_count,
+            "utc_offset_hours": self.utc_offset_hours,
+            "test_days": self.test_days,
+            "sources": [_fingerprint(source / n) for n in (RAW_SAMPLE, USER_PROFILE, AD_FEATURE)],
+        }
+        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ prepare
+    def prepare_data(self) -> None:
+        self._prepared_dir()
+
+    def _prepared_dir(self) -> Path:
+        source = self.source_dir()
+        for name in (RAW_SAMPLE, USER_PROFILE, AD_FEATURE):
+            if not (source / name).is_file():
+                raise DataError(f"{source / name}: file not found (a Taobao data_dir holds "
+                                f"{RAW_SAMPLE}, {USER_PROFILE} and {AD_FEATURE})")
+        out = self.cache_dir / "prepared" / f"taobao-{self.cache_key(source)}"
+        if (out / "meta.json").is_file():
+            log.info("data: using cached preprocessing %s", out)
+            return out
+        started = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_ensure(out.parent)))
+        try:
+            meta = self._preprocess(source, tmp)
+            meta["preprocess_seconds"] = round(time.perf_counter() - started, 3)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("data: preprocessed %s in %.1f s -> %s", source, meta["preprocess_seconds"], out)
+        return out
+
+    def _joined(self, source: Path) -> pl.LazyFrame:
+        """raw_sample left-joined to the user profile and the ad features, with the split flag."""
+        raw = _scan(source / RAW_SAMPLE)
+        profile = _scan(source / USER_PROFILE).rename({"userid": "user"})
+        ads = _scan(source / AD_FEATURE)
+        seconds_per_day = 86_400
+        local_day = (pl.col("time_stamp") + self.utc_offset_hours * 3600) // seconds_per_day
+        hour = ((pl.col("time_stamp") + self.utc_offset_hours * 3600) % seconds_per_day) // 3600
+        return (
+            raw.join(profile.unique("user", keep="first"), on="user", how="left")
+            .join(ads.unique("adgroup_id", keep="first"), on="adgroup_id", how="left")
+            .with_columns(local_day.alias("_day"), hour.alias("hour"))
+        )
+
+    def _preprocess(self, source: Path, out: Path) -> dict[str, Any]:
+        joined_path = out / "joined.parquet"
+        log.info("data: joining %s", source)
+        self._joined(source).sink_parquet(joined_path)
+        joined = pl.scan_parquet(joined_path)
+        last_day = joined.select(pl.col("_day").max()).collect().item()
+        if last_day is None:
+            raise DataError(f"{source / RAW_SAMPLE}: no rows")
+        is_test = pl.col("_day") > last_day - self.test_days
+        train = joined.filter(~is_test)
+
+        log.info("data: building train vocabularies for %d features", len(self.sparse_features))
+        encoded, cardinalities = [], []
+        for name in self.sparse_features:
+            vocab = (
+                train.select(name).drop_nulls().group_by(name).len()
+                .filter(pl.col("len") >= self.min_count).sort(name).collect()
+            )[name]
+            indices = pl.int_range(FIRST_VOCAB_INDEX, FIRST_VOCAB_INDEX + len(vocab), eager=True)
+            encoded.append(
+                pl.when(pl.col(name).is_null()).then(pl.lit(MISSING_INDEX, pl.Int32))
+                .otherwise(pl.col(name).replace_strict(vocab, indices, default=OOV_INDEX,
+                                                       return_dtype=pl.Int32))
+                .alias(f"s_{name}")
+            )
+            cardinalities.append(FIRST_VOCAB_INDEX + len(vocab))
+
+        log_price = pl.col("price").log1p()
+        stats = train.select(log_price.mean().alias("mean"), log_price.std().alias("std")).collect()
+        price_mean = float(stats["mean"][0] or 0.0)
+        price_std = float(stats["std"][0] or 1.0) or 1.0
+        dense = {"price": ((log_price - price_mean) / price_std).fill_null(0.0)}
+        dense_exprs = [dense[n].cast(pl.Float32).alias(f"d_{n}") for n in self.dense_features]
+
+        columns = [pl.col("user"), pl.col("clk").cast(pl.Float32).alias("label"),
+                   *encoded, *dense_exprs]
+        counts = {}
+        for split, keep in (("train", ~is_test), ("test", is_test)):
+            log.info("data: writing the %s split", split)
+            (joined.filter(keep).sort(["user", "time_stamp"], maintain_order=True)
+             .select(columns).sink_parquet(out / f"{split}.parquet"))
+            counts[split] = pl.scan_parquet(out / f"{split}.parquet").select(pl.len()).collect().item()
+
+        baseline_auc = self._popularity_baseline(joined, is_test)
+        joined_path.unlink()
+        meta: dict[str, Any] = {
+            "source": str(source),
+            "sparse_features": self.sparse_features,
+            "cardinalities": cardinalities,
+            "dense_features": self.dense_features,
+            "price_log1p_mean": price_mean,
+            "price_log1p_std": price_std,
+            "test_first_local_day": int(last_day - self.test_days + 1),
+            "rows_train": counts["train"],
+            "rows_test": counts["test"],
+            "baseline_auc": baseline_auc,
+        }
+        synthetic = source / "synthetic_meta.json"
+        if synthetic.is_file():
+            meta["oracle_auc"] = json.loads(synthetic.read_text())["oracle_auc"]
+        return meta
+
+    @staticmethod
+    def _popularity_baseline(joined: pl.LazyFrame, is_test: pl.Expr) -> float | None:
+        """AUC on the test rows of each ad's train click rate (the global rate for unseen ads)."""
+        train = joined.filter(~is_test)
+        global_rate = train.select(pl.col("clk").mean()).collect().item()
+        rates = train.group_by("adgroup_id").agg(pl.col("clk").mean().alias("rate"))
+        test = (joined.filter(is_test).join(rates, on="adgroup_id", how="left")
+                .select(pl.col("rate").fill_null(global_rate), "clk").collect())
+        labels = test["clk"].to_numpy().astype(np.float32)
+        if labels.min(initial=1) == labels.max(initial=0):
+            return None  # AUC undefined with one class
+        return _auc(test["rate"].to_numpy().astype(np.float32), labels)
+
+    # ------------------------------------------------------------------ load
+    def load(self) -> PreparedData:
+        prepared = self._prepared_dir()
+        meta = json.loads((prepared / "meta.json").read_text())
+        sparse_cols = [f"s_{n}" for n in meta["sparse_features"]]
+        dense_cols = [f"d_{n}" for n in meta["dense_features"]]
+        tables = {}
+        for split in ("train", "test"):
+            frame = pl.read_parquet(prepared / f"{split}.parquet")
+            tables[split] = ClientTable.from_sorted(
+                dense=_tensor(frame, dense_cols, np.float32, width=len(dense_cols)),
+                sparse=_tensor(frame, sparse_cols, np.int64, width=len(sparse_cols)),
+                label=_tensor(frame, ["label"], np.float32, width=1).reshape(-1),
+                client_key=_tensor(frame, ["user"], np.int64, width=1).reshape(-1),
+            )
+        info = {k: meta[k] for k in ("baseline_auc", "oracle_auc") if meta.get(k) is not None}
+        info["source"] = meta["source"]
+        features = FeatureSpec(meta["sparse_features"], meta["cardinalities"],
+                               meta["dense_features"])
+        return PreparedData(tables["train"], tables["test"], features, info)
+
+
+def _tensor(frame: pl.DataFrame, columns: list[str], dtype: type, width: int) -> torch.Tensor:
+    """Columns of a frame as one contiguous [N, width] tensor."""
+    if width == 0:
+        return torch.zeros((frame.height, 0), dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
+    array = frame.select(columns).to_numpy()
+    return torch.from_numpy(np.require(array, dtype, requirements=["C", "W"]))
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

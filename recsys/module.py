@@ -1,0 +1,120 @@
+"""CTRModule: a DLRM click model as a LightningModule (logits out, BCE-with-logits loss).
+
+The module knows nothing of federation: fltk's federated loop drives the same
+`training_step` and `configure_optimizers` that a Lightning Trainer drives centrally, so a
+subclass with its own model or loss federates unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from datamodules.base import FeatureSpec
+from datamodules.clients import Batch
+from recsys.dlrm import SingleIdFeatures, build_dlrm
+from recsys.metrics import ctr_metrics
+from recsys.optim import DenseSparseOptimizer
+
+
+class CTRModule(L.LightningModule):
+    """DLRM for click-through rate prediction.
+
+    Args:
+        embedding_dim: width of every embedding table (and of the dense arch's output).
+        dense_hidden: hidden layer sizes of the dense (bottom) MLP; `embedding_dim` is appended.
+        over_hidden: hidden layer sizes of the over (top) MLP; a 1-unit logit layer is appended.
+        dense_optimizer: optimizer of the MLP parameters; default Adam(lr=1e-3).
+        sparse_optimizer: optimizer of the embedding tables, which get sparse gradients, so it
+            must accept them (SGD, Adagrad without weight decay, SparseAdam); default
+            Adagrad(lr=0.05).
+        features: the feature spec; usually unset and taken from the datamodule at fit time.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int = 16,
+        dense_hidden: list[int] | None = None,
+        over_hidden: list[int] | None = None,
+        dense_optimizer: OptimizerCallable | None = None,
+        sparse_optimizer: OptimizerCallable | None = None,
+        features: FeatureSpec | None = None,
+    ) -> None:
+        super().__init__()
+        if embedding_dim < 1:
+            raise ValueError(f"model.embedding_dim must be >= 1, got {embedding_dim}")
+        self.embedding_dim = embedding_dim
+        self.dense_hidden = [64] if dense_hidden is None else list(dense_hidden)
+        self.over_hidden = [128, 64] if over_hidden is None else list(over_hidden)
+        self.dense_optimizer = dense_optimizer or (lambda p: torch.optim.Adam(p, lr=1e-3))
+        self.sparse_optimizer = sparse_optimizer or (lambda p: torch.optim.Adagrad(p, lr=0.05))
+        self.features: FeatureSpec | None = None
+        self.model: nn.Module | None = None
+        self._eval_outputs: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        self.last_metrics: dict[str, float] = {}
+        if features is not None:
+            self.configure_features(features)
+
+    def configure_features(self, features: FeatureSpec) -> None:
+        """Build the network for these features (vocabulary sizes are known only after data prep)."""
+        if self.features is not None:
+            if self.features != features:
+                raise ValueError("CTRModule was built for other features")
+            return
+        self.features = features
+        self.to_kjt = SingleIdFeatures(features.sparse)
+        self.model = build_dlrm(
+            features.sparse, features.cardinalities, len(features.dense),
+            self.embedding_dim, self.dense_hidden, self.over_hidden,
+        )
+
+    def configure_model(self) -> None:
+        """Lightning hook: take the features from the trainer's datamodule if not built yet."""
+        if self.model is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is None or not hasattr(datamodule, "feature_spec"):
+                raise RuntimeError("CTRModule needs features: call configure_features(spec) "
+                                   "or fit with a CTRDataModule")
+            self.configure_features(datamodule.feature_spec)
+
+    def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
+        """Logits [B] for dense [B, D] and sparse ids [B, F]."""
+        if self.model is None:
+            raise RuntimeError("CTRModule has no network yet: call configure_features(spec)")
+        if dense.shape[1] == 0:  # DLRM's dense arch needs one input; feed a constant
+            dense = torch.zeros(dense.shape[0], 1)
+        return self.model(dense, self.to_kjt(sparse)).squeeze(-1)
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(logits, labels)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss = self.loss(self(batch.dense, batch.sparse), batch.label)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        logits = self(batch.dense, batch.sparse)
+        self._eval_outputs.append((logits, batch.label, batch.group))
+
+    def on_validation_epoch_end(self) -> None:
+        logits, labels, groups = zip(*self._eval_outputs, strict=True)
+        self._eval_outputs.clear()
+        group = None if groups[0] is None else torch.cat(groups)
+        self.last_metrics = ctr_metrics(torch.cat(logits), torch.cat(labels), group)
+        loggable = {k: v for k, v in self.last_metrics.items() if not math.isnan(v)}
+        self.log_dict(loggable, prog_bar=True)
+
+    def configure_optimizers(self) -> Any:
+        if self.model is None:
+            raise RuntimeError("CTRModule has no network yet: call configure_features(spec)")
+        tables = [p for n, p in self.model.named_parameters() if "embedding_bags" in n]
+        table_ids = {id(p) for p in tables}
+        mlps = [p for p in self.model.parameters() if id(p) not in table_ids]
+        return DenseSparseOptimizer(self.dense_optimizer(mlps), self.sparse_optimizer(tables))

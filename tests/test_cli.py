@@ -1,0 +1,69 @@
+"""`fltk fit` end to end (in-process: a subprocess would pay ~10 s of imports) and its errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fltoolkit.cli import main
+
+EXPERIMENT = str(Path(__file__).resolve().parents[1] / "experiments" / "taobao.yaml")
+
+
+def _fit(tmp_path: Path, *extra: str) -> int:
+    return main(["fit", "--experiment", EXPERIMENT, "--data.num_rows", "10000",
+                 "--data.init_args.cache_dir", str(tmp_path / "cache"),
+                 "--federated.enabled", "false", *extra])
+
+
+@pytest.mark.slow
+def test_centralized_fit_writes_config_metrics_and_summary(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _fit(tmp_path, "--run_dir", str(run), "--trainer.max_epochs", "2") == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["data"]["init_args"]["num_rows"] == 10000 and config["seed"] == 0
+    with (run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["round"] for r in rows] == ["1", "2"]
+    assert list(rows[0])[:7] == ["round", "wall_time_s", "auc", "logloss", "ne", "gauc",
+                                 "calibration"]
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("auc", "logloss", "ne", "gauc", "calibration", "num_train", "num_test",
+                "num_clients", "wall_time_s", "baseline_auc", "oracle_auc"):
+        assert summary[key] is not None, key
+    assert summary["num_train"] + summary["num_test"] == 10000
+    assert 0.6 < summary["auc"] <= 1.0
+    assert float(rows[-1]["auc"]) == pytest.approx(summary["auc"], abs=1e-9)
+    # a finished run directory is never reused
+    assert _fit(tmp_path, "--run_dir", str(run), "--trainer.max_epochs", "1") == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data.num_rowz", "5"], "unknown key data.num_rowz"),
+    (["--federated.enabld", "true"], "unknown key federated.enabld"),
+    (["--model.embedding_dim", "abc"], "model.embedding_dim: expected int, got abc"),
+    (["--data.min_count", "0"], "data.min_count, data.test_days and data.num_rows must be >= 1"),
+    (["--data.data_dir", "/nonexistent/taobao"], "/nonexistent/taobao: no such directory"),
+])
+def test_bad_config_fails_in_one_line_naming_the_key(tmp_path, capsys, args, message):
+    assert _fit(tmp_path, "--run_dir", str(tmp_path / "run"), *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_missing_data_file_fails_before_training(tmp_path, capsys):
+    (tmp_path / "taobao").mkdir()
+    assert _fit(tmp_path, "--data.data_dir", str(tmp_path / "taobao")) == 2
+    assert "raw_sample.csv: file not found" in capsys.readouterr().err
+
+
+def test_unknown_command_and_help(capsys):
+    assert main(["fitt"]) == 2
+    assert "unknown command 'fitt'" in capsys.readouterr().err
+    assert main(["help"]) == 0

@@ -1,0 +1,143 @@
+"""The Taobao pipeline on a hand-written fixture in the real format."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from datamodules.base import DataError
+from datamodules.taobao import MISSING_INDEX, OOV_INDEX, TaobaoDataModule
+from tests.conftest import AD_FEATURE, USER_PROFILE, write_taobao
+
+REAL_EXCERPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "taobao_excerpt"
+
+
+def _module(data_dir: Path, tmp_path: Path, **kwargs) -> TaobaoDataModule:
+    dm = TaobaoDataModule(data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"), **kwargs)
+    dm.setup()
+    return dm
+
+
+def _column(dm: TaobaoDataModule, split: str, feature: str) -> list[int]:
+    table = getattr(dm.data, split)
+    return table.sparse[:, dm.feature_spec.sparse.index(feature)].tolist()
+
+
+def test_last_beijing_day_is_test_and_rows_are_sorted_by_user(taobao_dir, tmp_path):
+    dm = _module(taobao_dir, tmp_path)
+    train, test = dm.data.train, dm.data.test
+    # 1494604799 is 23:59:59 on 2017-05-12 in Beijing (train) though 15:59:59 UTC on the 12th;
+    # 1494604800 is the first second of the test day.
+    assert train.num_rows == 5 and test.num_rows == 3
+    assert train.client_ids.tolist() == [1, 2, 3]
+    assert train.offsets.tolist() == [0, 2, 4, 5]
+    assert test.client_ids.tolist() == [1, 2, 4]
+    assert train.label.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]  # user 2: time order kept
+    assert test.label.tolist() == [0.0, 0.0, 1.0]
+
+
+def test_missing_values_get_their_own_index_never_the_mode(taobao_dir, tmp_path):
+    dm = _module(taobao_dir, tmp_path)
+    pvalue = _column(dm, "train", "pvalue_level")
+    new_user = _column(dm, "train", "new_user_class_level")
+    brand = _column(dm, "train", "brand")
+    segid = _column(dm, "train", "cms_segid")
+    # rows: user1/ad10, user1/ad11, user2/ad10, user2/ad11, user3/ad11
+    assert pvalue[2] == pvalue[3] == MISSING_INDEX and pvalue[0] > OOV_INDEX
+    assert new_user[2] == MISSING_INDEX and new_user[0] > OOV_INDEX
+    assert brand[0] == brand[2] == MISSING_INDEX and brand[1] > OOV_INDEX  # NULL brand
+    assert segid[4] == MISSING_INDEX  # user 3 has no profile row
+    assert segid[0] > OOV_INDEX
+
+
+def test_vocabulary_is_built_on_train_only_with_oov_for_unseen_test_ids(taobao_dir, tmp_path):
+    dm = _module(taobao_dir, tmp_path)
+    spec = dm.feature_spec
+    size = dict(zip(spec.sparse, spec.cardinalities, strict=True))
+    assert size["adgroup_id"] == 2 + 2  # missing, OOV, ads 10 and 11 (12 is test-only)
+    assert size["user"] == 2 + 3
+    ads = _column(dm, "test", "adgroup_id")
+    users = _column(dm, "test", "user")
+    assert ads[0] == OOV_INDEX  # ad 12 never shown in train
+    assert ads[1] == _column(dm, "train", "adgroup_id")[0]  # ad 10 keeps its train index
+    assert users[2] == OOV_INDEX  # user 4 only appears on the test day
+    cate = _column(dm, "test", "cate_id")
+    assert cate[0] > OOV_INDEX  # ad 12's category was seen in train through ad 10
+
+
+def test_min_count_sends_rare_ids_to_oov(taobao_dir, tmp_path):
+    dm = _module(taobao_dir, tmp_path, min_count=3)
+    assert _column(dm, "train", "adgroup_id") == [OOV_INDEX, 2, OOV_INDEX, 2, 2]
+
+
+def test_price_is_log1p_standardized_on_train_and_time_is_not_an_input(taobao_dir, tmp_path):
+    dm = _module(taobao_dir, tmp_path)
+    assert dm.feature_spec.dense == ["price"]
+    assert "time_stamp" not in dm.feature_spec.sparse
+    train_prices = np.log1p([99.0, 1.0, 99.0, 1.0, 1.0])
+    mean, std = train_prices.mean(), train_prices.std(ddof=1)
+    expected = (train_prices - mean) / std
+    assert torch.allclose(dm.data.train.dense[:, 0], torch.tensor(expected, dtype=torch.float32),
+                          atol=1e-5)
+    assert dm.data.test.dense[0, 0].item() == pytest.approx((math.log1p(1e4) - mean) / std,
+                                                            rel=1e-5)
+
+
+def test_second_setup_reads_the_cache_without_preprocessing(taobao_dir, tmp_path, monkeypatch):
+    first = _module(taobao_dir, tmp_path)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("preprocessed again despite an unchanged config and sources")
+
+    monkeypatch.setattr(TaobaoDataModule, "_preprocess", fail)
+    second = _module(taobao_dir, tmp_path)
+    assert torch.equal(first.data.train.sparse, second.data.train.sparse)
+    # a changed config is a different cache entry
+    with pytest.raises(AssertionError, match="preprocessed again"):
+        _module(taobao_dir, tmp_path, min_count=2)
+
+
+def test_min_client_samples_drops_small_clients(taobao_dir, tmp_path):
+    dm = _module(taobao_dir, tmp_path, min_client_samples=2)
+    assert dm.data.train.client_ids.tolist() == [1, 2]
+    assert dm.data.info["dropped_clients"] == 1
+    assert dm.data.info["num_train"] == 4
+
+
+def test_missing_file_and_missing_column_name_the_file(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="raw_sample.csv: file not found"):
+        _module(empty, tmp_path)
+    broken = write_taobao(tmp_path / "broken", ads=AD_FEATURE.replace("brand,", "brnd,"))
+    with pytest.raises(DataError, match=r"ad_feature.csv: missing column\(s\) brand"):
+        _module(broken, tmp_path)
+    headerless = write_taobao(tmp_path / "headerless", profile="")
+    with pytest.raises(DataError, match="user_profile.csv: the file is empty"):
+        _module(headerless, tmp_path)
+
+
+def test_unknown_feature_is_rejected_by_name():
+    with pytest.raises(ValueError, match="unknown feature 'age'"):
+        TaobaoDataModule(sparse_features=["user", "age"])
+
+
+def test_profile_header_with_trailing_space_is_read(taobao_dir):
+    header = (taobao_dir / "user_profile.csv").read_text().splitlines()[0]
+    assert header.endswith("new_user_class_level ")
+    assert USER_PROFILE.splitlines()[0] == header
+
+
+@pytest.mark.skipif(not REAL_EXCERPT.is_dir(), reason="shared/data excerpt not present")
+def test_real_excerpt_loads_with_every_row_accounted_for(tmp_path):
+    dm = _module(REAL_EXCERPT, tmp_path)
+    rows = pl.read_csv(REAL_EXCERPT / "raw_sample.csv").height
+    assert dm.data.train.num_rows + dm.data.test.num_rows == rows
+    assert dm.data.test.num_rows > 0 and dm.data.train.num_rows > 0
+    assert int(dm.data.train.label.sum() + dm.data.test.label.sum()) == pl.read_csv(
+        REAL_EXCERPT / "raw_sample.csv")["clk"].sum()
