@@ -62,6 +62,7 @@ _PROFILE_PROBS = {
     "occupation": (0.94, 0.06),
     "new_user_class_level": (0.3, 0.1, 0.38, 0.11, 0.11),
 }
+_CATEGORY_ZIPF = 1.0  # exponent of the power law of category shares
 _NUM_SEGIDS = 97
 _SEGID_ZERO_PROB = 0.6
 # Relative weight of each profile column in the user effect and in the user latent vector.
@@ -265,7 +266,7 @@ def _user_parameters(rng: np.random.Generator, profile: dict[str, np.ndarray],
 
 def _draw_ads(rng: np.random.Generator, sizes: _Sizes) -> dict[str, np.ndarray]:
     """Ad hierarchy (customer > campaign > ad) with power-law category and brand shares."""
-    category_weights = rng.permutation(1.0 / np.arange(1, sizes.categories + 1))
+    category_weights = rng.permutation(np.arange(1, sizes.categories + 1) ** -_CATEGORY_ZIPF)
     category_p = category_weights / category_weights.sum()
     customer_category = rng.choice(sizes.categories, sizes.customers, p=category_p)
     customer_brand = _cover(rng, sizes.customers, np.ones(sizes.brands))

@@ -1,25 +1,70 @@
 """Typed sections of an experiment that are fltk's own (not a model's or a datamodule's).
 
 LightningCLI reads these signatures, so every key is documented, typed, overridable on the
-command line (`--federated.enabled false`) and rejected with its name when misspelled.
+command line (`--federated.rounds 10`) and rejected with its name when misspelled.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
 
+from jsonargparse import lazy_instance
 
-@dataclass
-class FederatedConfig:
-    """How the model is trained.
-
-    Attributes:
-        enabled: train federated (each user a client) when true; centrally with a Lightning
-            Trainer when false (the baseline: same data, model and metrics).
-    """
-
-    enabled: bool = False
+from fltoolkit.selection import ClientSelector, UniformSelector
+from fltoolkit.strategies import FedAvg, Strategy
 
 
 class ConfigError(ValueError):
     """A configuration value that parses but cannot be used; the message names the key."""
+
+
+class FederatedConfig:
+    """How the model is trained.
+
+    Args:
+        enabled: federated (each user a client) when true; centrally with a Lightning Trainer
+            when false (the baseline: same data, model and metrics).
+        rounds: number of federated rounds.
+        clients_per_round: clients selected each round.
+        batch_size: rows per local mini-batch (a client with fewer rows trains on all of them).
+        local_epochs: passes over its rows that each client makes per round; unset to use
+            `local_steps` instead.
+        local_steps: mini-batches per client per round (used when local_epochs is unset).
+        strategy: the server aggregation (class_path fltoolkit.strategies.FedAvg, FedYogi, ...).
+        selector: the client selector (class_path fltoolkit.selection.UniformSelector).
+        local_tables: tables kept on the clients and never uploaded (e.g. [user]), or `all`.
+        eval_interval: evaluate the global model on the test split every this many rounds
+            (and after the last round).
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        rounds: int = 100,
+        clients_per_round: int = 100,
+        batch_size: int = 32,
+        local_epochs: int | None = 1,
+        local_steps: int | None = None,
+        strategy: Strategy = lazy_instance(FedAvg),
+        selector: ClientSelector = lazy_instance(UniformSelector),
+        local_tables: list[str] | Literal["all"] | None = None,
+        eval_interval: int = 10,
+    ) -> None:
+        for key, value in (("rounds", rounds), ("clients_per_round", clients_per_round),
+                           ("batch_size", batch_size), ("eval_interval", eval_interval)):
+            if value < 1:
+                raise ValueError(f"federated.{key} must be >= 1, got {value}")
+        if (local_epochs is None) == (local_steps is None):
+            raise ValueError("set exactly one of federated.local_epochs and federated.local_steps")
+        if (local_epochs or 1) < 1 or (local_steps or 1) < 1:
+            raise ValueError("federated.local_epochs and federated.local_steps must be >= 1")
+        self.enabled = enabled
+        self.rounds = rounds
+        self.clients_per_round = clients_per_round
+        self.batch_size = batch_size
+        self.local_epochs = local_epochs
+        self.local_steps = local_steps
+        self.strategy = strategy
+        self.selector = selector
+        self.local_tables = local_tables or []
+        self.eval_interval = eval_interval

@@ -10,13 +10,16 @@ from typing import Any
 
 import lightning as L
 
-from fltoolkit.config import ConfigError
+from fltoolkit.loop import FederatedLoop
 from fltoolkit.reports.run_dir import RunDirectory, next_version
 
 log = logging.getLogger("fltk")
 
 SUMMARY_INFO_KEYS = ("num_train", "num_test", "num_clients", "dropped_clients",
                      "baseline_auc", "oracle_auc")
+METRIC_KEYS = ("auc", "logloss", "ne", "gauc", "calibration")
+FEDERATED_KEYS = ("clients_seen", "bytes_up_total", "bytes_down_total", "bytes_up_per_round",
+                  "bytes_down_per_round", "rejected_total")
 
 
 class EvaluationRecorder(L.Callback):
@@ -45,34 +48,73 @@ class EvaluationRecorder(L.Callback):
 def run_fit(cli: Any, experiment_name: str) -> Path:
     """Run the experiment parsed by `cli` (an FltkCLI) and return its run directory."""
     config = cli.config
+    federated = cli.config_init["federated"]
     datamodule, model = cli.datamodule, cli.model
     datamodule.prepare_data()
     datamodule.setup("fit")
     model.configure_features(datamodule.feature_spec)
-    if config.federated.enabled:
-        raise ConfigError("federated.enabled: federated training is not available yet; "
-                          "use --federated.enabled false")
+    loop = None
+    if federated.enabled:
+        loop = FederatedLoop(model, datamodule.data, federated, seed=config.seed,
+                             eval_batch_size=datamodule.eval_batch_size)
 
     run_dir = RunDirectory(config.run_dir or next_version(Path("runs") / experiment_name))
     run_dir.write_config(cli.parser.dump(config, skip_none=False))
     log.info("run directory: %s", run_dir.path)
-
     started = time.perf_counter()
-    trainer: L.Trainer = cli.trainer
-    trainer.callbacks.append(EvaluationRecorder(run_dir, started))
-    trainer.fit(model, datamodule=datamodule)
+    if loop is None:
+        final = _train_centrally(cli.trainer, model, datamodule, run_dir, started)
+        extra = {"mode": "centralized", "epochs": cli.trainer.current_epoch}
+    else:
+        loop.on_evaluation = lambda row: _record(run_dir, row)
+        final = _train_federated(loop, federated.rounds)
+        extra = {"mode": "federated", "strategy": loop.strategy.name,
+                 "strategy_hyperparameters": loop.strategy.hyperparameters(),
+                 "rounds": federated.rounds, "clients_per_round": federated.clients_per_round,
+                 "local_tables": loop.local_tables is not None and list(loop.local_tables.initial)
+                 or []}
     info = datamodule.data.info
     summary = {
-        "mode": "centralized",
-        **model.last_metrics,
+        **extra,
+        **{k: final[k] for k in METRIC_KEYS},
+        **{k: final[k] for k in FEDERATED_KEYS if k in final},
         **{k: info[k] for k in SUMMARY_INFO_KEYS if k in info},
-        "epochs": trainer.current_epoch,
         "wall_time_s": round(time.perf_counter() - started, 3),
     }
     run_dir.write_summary(summary)
     log.info("final: auc %.4f (baseline %s, oracle %s) -> %s", summary["auc"],
              _fmt(summary.get("baseline_auc")), _fmt(summary.get("oracle_auc")), run_dir.path)
     return run_dir.path
+
+
+def _train_centrally(trainer: L.Trainer, model: L.LightningModule, datamodule: Any,
+                     run_dir: RunDirectory, started: float) -> dict[str, Any]:
+    trainer.callbacks.append(EvaluationRecorder(run_dir, started))
+    trainer.fit(model, datamodule=datamodule)
+    return model.last_metrics
+
+
+def _train_federated(loop: FederatedLoop, rounds: int) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+        TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("rounds", total=rounds, status="")
+
+        def advance(round_index: int, row: dict[str, Any] | None) -> None:
+            status = f"auc {row['auc']:.4f}" if row else None
+            bar.update(task, completed=round_index,
+                       **({"status": status} if status else {}))
+
+        return loop.run(progress=advance)
+
+
+def _record(run_dir: RunDirectory, row: dict[str, Any]) -> None:
+    run_dir.append_metrics(row)
+    log.info("round %d: auc %.4f logloss %.4f gauc %.4f clients_seen %d", row["round"],
+             row["auc"], row["logloss"], row["gauc"], row["clients_seen"])
 
 
 def _fmt(value: float | None) -> str:

@@ -19,6 +19,7 @@ class DenseSparseOptimizer(Optimizer):
 
     def __init__(self, dense: Optimizer, sparse: Optimizer) -> None:
         self.dense, self.sparse = dense, sparse
+        self.optimizers = (dense, sparse)
         self.defaults: dict[str, Any] = {}
         self._optimizer_step_pre_hooks: dict = {}
         self._optimizer_step_post_hooks: dict = {}

@@ -1,0 +1,131 @@
+"""Cost of the federated machinery around local training, measured in one run.
+
+  (a) one FL round of 100 clients / the same optimizer steps on the same mini-batches, trained
+      one after another on one model with no FL machinery (target <= 1.2);
+  (b) the round / centralized training on the same rows concatenated, same batch size (fewer,
+      fuller batches, so above 1 by nature; for information);
+  (c) per-client time with 1M-row tables / with 10k-row tables (target <= 1.2);
+  (d) peak RSS growth for a round of 1000 clients (should be the updates, not the tables).
+
+Usage: python benchmarks/round_overhead.py [--rows 200000] [--repeats 5]
+Prints the figures and JSON on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+import warnings
+from dataclasses import replace
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def _setup(rows: int, table_rows: int, clients_per_round: int):
+    from datamodules.taobao import TaobaoDataModule
+    from fltoolkit.config import FederatedConfig
+    from fltoolkit.loop import FederatedLoop
+    from recsys.module import CTRModule
+
+    dm = TaobaoDataModule(num_rows=rows, seed=0)
+    dm.setup()
+    spec = dm.feature_spec
+    spec = replace(spec, cardinalities=[max(c, table_rows) for c in spec.cardinalities])
+    torch.manual_seed(0)
+    module = CTRModule(features=spec)
+    config = FederatedConfig(clients_per_round=clients_per_round, rounds=1)
+    return dm, module, FederatedLoop(module, dm.data, config, seed=0)
+
+
+def _time_round(loop, round_index: int) -> float:
+    from fltoolkit.loop import RoundStats
+
+    started = time.perf_counter()
+    loop.run_round(round_index, RoundStats())
+    return time.perf_counter() - started
+
+
+def _round_batches(loop, round_index: int) -> list[torch.Tensor]:
+    """The mini-batches (row indices) the round's clients train on, in order."""
+    state = loop.selector.rng.bit_generator.state
+    clients = loop.selector.select(round_index, loop.config.clients_per_round)
+    loop.selector.rng.bit_generator.state = state  # the FL round will select the same clients
+    batches = []
+    for client in clients.tolist():
+        rows = loop.data.train.client_rows(client)
+        generator = torch.Generator().manual_seed(loop._client_seed(round_index, client))
+        schedule = loop.trainer.schedule
+        batches += [rows.start + b for b in schedule.batches(rows.stop - rows.start, generator)]
+    return batches
+
+
+def _time_plain(module, data, batches: list[torch.Tensor]) -> float:
+    """The same optimizer steps on one model: no snapshot, no restore, no deltas."""
+    optimizer = module.configure_optimizers()
+    started = time.perf_counter()
+    for step, index in enumerate(batches):
+        optimizer.zero_grad()
+        module.training_step(data.rows(index), step).backward()
+        optimizer.step()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    results = {}
+    for table_rows in (10_000, 1_000_000):
+        dm, module, loop = _setup(args.rows, table_rows, 100)
+        fl, plain, central = [], [], []
+        for repeat in range(args.repeats + 1):  # the first repeat warms up
+            round_index = repeat + 1
+            batches = _round_batches(loop, round_index)
+            fl_time = _time_round(loop, round_index)
+            plain_time = _time_plain(module, dm.data.train, batches)
+            rows = torch.cat(batches)
+            central_batches = list(rows[torch.randperm(rows.numel())].split(
+                loop.trainer.schedule.batch_size))
+            central_time = _time_plain(module, dm.data.train, central_batches)
+            if repeat:
+                fl.append(fl_time), plain.append(plain_time), central.append(central_time)
+        results[table_rows] = {
+            "round_s": statistics.median(fl), "plain_steps_s": statistics.median(plain),
+            "centralized_s": statistics.median(central), "steps": len(batches),
+        }
+        del dm, module, loop
+
+    small, large = results[10_000], results[1_000_000]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    dm, module, loop = _setup(args.rows, 10_000, 1000)
+    setup_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _time_round(loop, 1)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    figures = {
+        "a_round_over_same_steps": round(small["round_s"] / small["plain_steps_s"], 3),
+        "a_round_over_same_steps_1m_tables": round(large["round_s"] / large["plain_steps_s"], 3),
+        "b_round_over_centralized": round(small["round_s"] / small["centralized_s"], 3),
+        "c_per_client_1m_over_10k_tables": round(large["round_s"] / small["round_s"], 3),
+        "round_ms_10k_tables": round(small["round_s"] * 1000, 1),
+        "round_ms_1m_tables": round(large["round_s"] * 1000, 1),
+        "d_peak_rss_growth_mb_1000_clients": round((after - max(before, setup_peak)) / 1024, 1),
+        "clients_per_round": 100,
+        "local_steps_per_round": small["steps"],
+    }
+    for key, value in figures.items():
+        print(f"{key:<40s} {value}")
+    print(f"command: python benchmarks/round_overhead.py --rows {args.rows} "
+          f"--repeats {args.repeats}")
+    print(json.dumps({"benchmark": "round_overhead", **figures}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Evaluation of the global model on a whole split at once (batched, not client by client).
+
+With client-local tables, each test row is scored with its own client's rows: the local
+table's weight is swapped, for the evaluation only, for one holding every stored
+(client, row) value, and the row ids are remapped to it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from datamodules.clients import ClientTable
+from fltoolkit.model_parts import ModelParts
+from fltoolkit.privacy.local_tables import LocalTableStore
+from recsys.metrics import ctr_metrics
+
+
+@torch.no_grad()
+def predict_logits(module: torch.nn.Module, table: ClientTable, batch_size: int,
+                   sparse: Tensor | None = None) -> Tensor:
+    """Logits [N] of every row; `sparse` replaces the table's ids when given."""
+    module.eval()
+    sparse = table.sparse if sparse is None else sparse
+    outputs = [module(table.dense[start:start + batch_size], sparse[start:start + batch_size])
+               for start in range(0, table.num_rows, batch_size)]
+    return torch.cat(outputs) if outputs else torch.zeros(0)
+
+
+def evaluate(module: torch.nn.Module, parts: ModelParts, table: ClientTable, batch_size: int,
+             train_clients: Tensor, local_tables: LocalTableStore | None = None
+             ) -> dict[str, float]:
+    """Metrics of the global model (with each client's local rows) on `table`.
+
+    `train_clients` ([C] sorted raw client ids of the training table) maps a test row's client
+    to the training client whose local rows score it.
+    """
+    groups = table.row_clients()
+    if local_tables is None:
+        logits = predict_logits(module, table, batch_size)
+    else:
+        with _client_rows_swapped(parts, table, groups, train_clients, local_tables) as sparse:
+            logits = predict_logits(module, table, batch_size, sparse)
+    return ctr_metrics(logits, table.label, groups)
+
+
+@contextmanager
+def _client_rows_swapped(parts: ModelParts, table: ClientTable, groups: Tensor,
+                         train_clients: Tensor, store: LocalTableStore) -> Iterator[Tensor]:
+    raw = table.client_ids[groups]
+    position = torch.searchsorted(train_clients, raw).clamp(max=train_clients.numel() - 1)
+    clients = torch.where(train_clients[position] == raw, position, -1)
+    sparse = table.sparse.clone()
+    originals = {}
+    for name, part in parts.tables.items():
+        if name not in store:
+            continue
+        for column in part.columns:
+            weight, sparse[:, column] = store.evaluation_weight(name, clients,
+                                                                table.sparse[:, column])
+        originals[name] = part.weight.data
+        part.weight.data = weight
+    try:
+        yield sparse
+    finally:
+        for name, data in originals.items():
+            parts.tables[name].weight.data = data

@@ -1,0 +1,164 @@
+"""FederatedLoop: the round loop, and nothing else.
+
+Each round: select clients -> train each from the current global weights -> drop updates
+that are not finite -> aggregate with the strategy -> tell the selector -> evaluate every
+`eval_interval` rounds. The global model is the LightningModule itself; clients train on it
+in turn and leave it as they found it (see ClientTrainer).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from datamodules.base import PreparedData
+from fltoolkit.client import ClientTrainer, LocalSchedule
+from fltoolkit.config import ConfigError, FederatedConfig
+from fltoolkit.evaluation import evaluate
+from fltoolkit.model_parts import split_parameters
+from fltoolkit.privacy.local_tables import LocalTableStore
+from fltoolkit.strategies.base import ServerModel
+
+log = logging.getLogger("fltk")
+
+# training_step calls self.log, which has no trainer to report to inside the loop.
+warnings.filterwarnings("ignore", message=".*self.log.*trainer. reference is not registered.*")
+
+
+@dataclass
+class RoundStats:
+    """Totals of the rounds since the last evaluation."""
+
+    rounds: int = 0
+    clients: int = 0
+    rejected: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+class FederatedLoop:
+    """Runs `config.rounds` rounds of federated training of `module` on `data`.
+
+    Args:
+        module: the LightningModule, already built for the data's features.
+        data: the prepared splits (train clients and test rows).
+        config: the federated section of the experiment.
+        seed: the run's seed (selection and local batch order derive from it).
+        eval_batch_size: rows per evaluation batch.
+        on_evaluation: called with each evaluation's metrics row (e.g. to write metrics.csv).
+    """
+
+    def __init__(self, module: torch.nn.Module, data: PreparedData, config: FederatedConfig,
+                 seed: int, eval_batch_size: int = 65536,
+                 on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.module, self.data, self.config, self.seed = module, data, config, seed
+        self.eval_batch_size = eval_batch_size
+        self.on_evaluation = on_evaluation or (lambda row: None)
+        self.parts = split_parameters(module, data.features.sparse)
+        local = self._local_table_names()
+        self.local_tables = (LocalTableStore({n: self.parts.tables[n].weight for n in local})
+                             if local else None)
+        self.server_tables = {name: part.weight.detach()
+                              for name, part in self.parts.tables.items() if name not in local}
+        self.strategy = config.strategy
+        self.selector = config.selector
+        num_clients = data.train.num_clients
+        if config.clients_per_round > num_clients:
+            raise ConfigError(f"federated.clients_per_round={config.clients_per_round} exceeds "
+                              f"the {num_clients} training clients")
+        self.selector.bind(num_clients, seed)
+        self.trainer = ClientTrainer(
+            module, self.parts, data.train,
+            LocalSchedule(config.batch_size, config.local_steps or 1, config.local_epochs),
+            proximal_mu=self.strategy.proximal_mu, local_tables=self.local_tables)
+        self.participation = np.zeros(num_clients, dtype=np.int64)
+        self.history: list[dict[str, Any]] = []
+
+    def _local_table_names(self) -> list[str]:
+        wanted = self.config.local_tables
+        names = list(self.parts.tables) if wanted == "all" else list(wanted)
+        unknown = [n for n in names if n not in self.parts.tables]
+        if unknown:
+            raise ConfigError(f"federated.local_tables: unknown table(s) {unknown}; the model's "
+                              f"tables are {list(self.parts.tables)}")
+        return names
+
+    def run(self, progress: Callable[[int, dict[str, Any] | None], None] | None = None
+            ) -> dict[str, Any]:
+        """Train all rounds; returns the last evaluation's row."""
+        log.info("strategy:\n%s", self.strategy.summary())
+        started = time.perf_counter()
+        stats = RoundStats()
+        totals = RoundStats()
+        last: dict[str, Any] = {}
+        for round_index in range(1, self.config.rounds + 1):
+            self.run_round(round_index, stats)
+            evaluate_now = (round_index % self.config.eval_interval == 0
+                            or round_index == self.config.rounds)
+            if evaluate_now:
+                last = self._evaluate(round_index, stats, started)
+                for key in ("rounds", "clients", "rejected", "bytes_up", "bytes_down"):
+                    setattr(totals, key, getattr(totals, key) + getattr(stats, key))
+                stats = RoundStats()
+            if progress is not None:
+                progress(round_index, last if evaluate_now else None)
+        last.update(bytes_up_total=totals.bytes_up, bytes_down_total=totals.bytes_down,
+                    bytes_up_per_round=totals.bytes_up // max(totals.rounds, 1),
+                    bytes_down_per_round=totals.bytes_down // max(totals.rounds, 1),
+                    rejected_total=totals.rejected)
+        return last
+
+    def run_round(self, round_index: int, stats: RoundStats) -> None:
+        clients = self.selector.select(round_index, self.config.clients_per_round)
+        updates = []
+        for client in clients.tolist():
+            update = self.trainer.train(client, seed=self._client_seed(round_index, client))
+            stats.bytes_down += update.download_bytes
+            if update.is_finite() and np.isfinite(update.loss):
+                updates.append(update)
+                stats.bytes_up += update.upload_bytes()
+                stats.losses.append(update.loss)
+            else:
+                stats.rejected += 1
+        stats.rounds += 1
+        stats.clients += len(clients)
+        self.participation[clients] += 1
+        if not updates:
+            log.warning("round %d: no valid update, the global model is unchanged", round_index)
+            return
+        with torch.no_grad():
+            server = ServerModel(parameters_to_vector(self.parts.dense).detach().clone(),
+                                 self.server_tables)
+            self.strategy.aggregate(updates, server)
+            vector_to_parameters(server.dense, self.parts.dense)
+        self.selector.feedback(round_index, updates)
+
+    def _client_seed(self, round_index: int, client: int) -> int:
+        """Independent of the order in which a round's clients are trained."""
+        return int(np.random.SeedSequence([self.seed, round_index, client]).generate_state(1)[0])
+
+    def _evaluate(self, round_index: int, stats: RoundStats, started: float) -> dict[str, Any]:
+        metrics = evaluate(self.module, self.parts, self.data.test, self.eval_batch_size,
+                           self.data.train.client_ids, self.local_tables)
+        row = {
+            "round": round_index,
+            "wall_time_s": round(time.perf_counter() - started, 3),
+            **metrics,
+            "clients_seen": int((self.participation > 0).sum()),
+            "train_loss": float(np.mean(stats.losses)) if stats.losses else float("nan"),
+            "bytes_up_per_round": stats.bytes_up // max(stats.rounds, 1),
+            "bytes_down_per_round": stats.bytes_down // max(stats.rounds, 1),
+            "rejected": stats.rejected,
+        }
+        self.history.append(row)
+        self.on_evaluation(row)
+        return row

@@ -1,0 +1,81 @@
+"""LocalTableStore: per-client rows of tables that stay on the client (e.g. the user table).
+
+A local table is trained on the client and used to score that client's rows, but its rows
+never appear in an update or in the server's state. The global model keeps the table's
+initial values (it is never aggregated), and each client's trained rows live here, keyed by
+client, so clients sharing a row id (a local ad table) each keep their own copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fltoolkit.updates import SparseRows
+
+
+class LocalTableStore:
+    """Client rows of each local table. V: table rows, E: embedding dim.
+
+    Args:
+        initial: table name -> the global [V, E] weight, which holds the initial values of every
+            row a client has not trained yet (the server never changes it).
+    """
+
+    def __init__(self, initial: dict[str, Tensor]) -> None:
+        self.initial = initial
+        self.rows: dict[str, dict[int, SparseRows]] = {name: {} for name in initial}
+
+    def __contains__(self, table: str) -> bool:
+        return table in self.initial
+
+    def client_rows(self, table: str, client: int, ids: Tensor) -> Tensor:
+        """The client's values of rows `ids` ([R] sorted unique): stored ones, else initial."""
+        values = self.initial[table].detach()[ids]
+        stored = self.rows[table].get(client)
+        if stored is not None:
+            position, hit = _find(stored.ids, ids)
+            values[hit] = stored.values[position[hit]]
+        return values
+
+    def save(self, table: str, client: int, ids: Tensor, values: Tensor) -> None:
+        """Keep the client's new values of rows `ids`; its other stored rows stay."""
+        stored = self.rows[table].get(client)
+        ids, values = ids.clone(), values.detach().clone()
+        if stored is not None:
+            keep = ~torch.isin(stored.ids, ids)
+            ids = torch.cat([stored.ids[keep], ids])
+            values = torch.cat([stored.values[keep], values])
+            ids, order = torch.sort(ids)
+            values = values[order]
+        self.rows[table][client] = SparseRows(ids, values)
+
+    def evaluation_weight(self, table: str, clients: Tensor, ids: Tensor
+                          ) -> tuple[Tensor, Tensor]:
+        """A weight and remapped ids so that row n is scored with client[n]'s own row ids[n].
+
+        The weight is the initial table followed by every stored (client, row) value; ids of
+        stored pairs point past the initial rows. Clients < 0 (unknown) use initial values.
+        """
+        weight = self.initial[table].detach()
+        vocab = weight.shape[0]
+        stored = self.rows[table]
+        if not stored:
+            return weight, ids
+        keys = torch.cat([c * vocab + rows.ids for c, rows in sorted(stored.items())])
+        values = torch.cat([rows.values for _, rows in sorted(stored.items())])
+        wanted = torch.where(clients >= 0, clients * vocab + ids, -1)
+        position, hit = _find(keys, wanted)
+        remapped = torch.where(hit, vocab + position, ids)
+        return torch.cat([weight, values]), remapped
+
+    def num_rows(self) -> int:
+        return sum(rows.ids.numel() for table in self.rows.values() for rows in table.values())
+
+
+def _find(sorted_keys: Tensor, wanted: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions of `wanted` in `sorted_keys` and whether each was found."""
+    position = torch.searchsorted(sorted_keys, wanted).clamp(max=max(sorted_keys.numel() - 1, 0))
+    hit = sorted_keys[position] == wanted if sorted_keys.numel() else torch.zeros_like(wanted,
+                                                                                          dtype=torch.bool)
+    return position, hit

@@ -1,0 +1,31 @@
+"""ClientSelector: picks each round's cohort. Subclasses may learn from the round's updates."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from fltoolkit.updates import ClientUpdate
+
+
+class ClientSelector(ABC):
+    """Chooses `k` of the `num_clients` training clients for a round."""
+
+    def bind(self, num_clients: int, seed: int) -> None:
+        """Called once before the first round with the population size and the run's seed."""
+        self.num_clients = num_clients
+        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5E1EC7]))
+
+    @abstractmethod
+    def select(self, round_index: int, k: int) -> np.ndarray:
+        """[k] distinct client positions (0..num_clients-1)."""
+
+    def feedback(self, round_index: int, updates: list[ClientUpdate]) -> None:
+        """What the round's clients reported (loss, samples); ignored by default."""
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]

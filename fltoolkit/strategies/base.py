@@ -1,0 +1,129 @@
+"""Strategy: turns a round's ClientUpdates into a new global model; shared aggregation math.
+
+A strategy sees the global model as two parts (`ServerModel`): one flat dense vector and the
+embedding tables. Aggregation of an embedding row only involves the clients that touched it,
+so untouched rows are never dragged toward zero and the work scales with the touched rows.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fltoolkit.updates import ClientUpdate, SparseRows
+
+
+class AggregationError(ValueError):
+    """Updates that cannot be aggregated (mismatched shapes or tables, no updates)."""
+
+
+@dataclass
+class ServerModel:
+    """Views of the global model's parameters that strategies update in place.
+
+    Attributes:
+        dense: flat vector of every dense parameter (a copy; the loop writes it back).
+        tables: table name -> weight [rows, E] of every table the server owns (local tables
+            are not here).
+    """
+
+    dense: Tensor
+    tables: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class RowAverage:
+    """A weighted mean of the clients' deltas of one table, over the rows they touched."""
+
+    ids: Tensor
+    mean: Tensor
+
+
+def weighted_dense_mean(updates: list[ClientUpdate], weights: Tensor) -> Tensor:
+    """sum_k w_k * delta_k / sum_k w_k over the dense deltas."""
+    stacked = torch.stack([u.dense for u in updates])
+    return (weights[:, None] * stacked).sum(0) / weights.sum()
+
+
+def weighted_row_mean(updates: list[ClientUpdate], weights: Tensor, table: str,
+                      touched_only: bool = True) -> RowAverage | None:
+    """Row-wise weighted mean of one table's deltas.
+
+    With `touched_only`, row r's mean is sum_{k touched r} w_k delta_k[r] / sum_{k touched r} w_k;
+    otherwise the denominator is sum over all clients (untouched rows count as zero deltas).
+    """
+    parts = [(u.tables[table], w) for u, w in zip(updates, weights, strict=True)
+             if table in u.tables and u.tables[table].ids.numel()]
+    if not parts:
+        return None
+    ids = torch.cat([rows.ids for rows, _ in parts])
+    values = torch.cat([rows.values for rows, _ in parts])
+    row_weight = torch.cat([w.expand(rows.ids.numel()) for rows, w in parts])
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    total = torch.zeros(unique.numel(), values.shape[1], dtype=values.dtype)
+    total.index_add_(0, inverse, values * row_weight[:, None])
+    if touched_only:
+        denominator = torch.zeros(unique.numel(), dtype=values.dtype)
+        denominator.index_add_(0, inverse, row_weight)
+    else:
+        denominator = weights.sum().expand(unique.numel())
+    return RowAverage(unique, total / denominator[:, None])
+
+
+def check_updates(updates: list[ClientUpdate], server: ServerModel) -> None:
+    """Fail with a named error on shapes that would otherwise broadcast silently."""
+    if not updates:
+        raise AggregationError("no client updates to aggregate")
+    for update in updates:
+        if update.dense.shape != server.dense.shape:
+            raise AggregationError(
+                f"client {update.client}: dense delta of shape {tuple(update.dense.shape)}, "
+                f"expected {tuple(server.dense.shape)}")
+        for name, rows in update.tables.items():
+            if name not in server.tables:
+                raise AggregationError(f"client {update.client}: unknown table {name!r}")
+            width = server.tables[name].shape[1]
+            if rows.values.shape != (rows.ids.numel(), width):
+                raise AggregationError(
+                    f"client {update.client}: table {name!r} rows of shape "
+                    f"{tuple(rows.values.shape)}, expected ({rows.ids.numel()}, {width})")
+
+
+class Strategy(ABC):
+    """Server side of a federated algorithm. Subclasses set `name` and implement `aggregate`."""
+
+    name = "strategy"
+    #: FedProx's proximal coefficient mu; 0 means clients train on their plain loss.
+    proximal_mu: float = 0.0
+
+    @abstractmethod
+    def aggregate(self, updates: list[ClientUpdate], server: ServerModel) -> None:
+        """Apply one round's updates to `server` in place."""
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The knobs that define this run of the strategy (for logs and reports)."""
+        return {}
+
+    def summary(self) -> str:
+        """One block naming the strategy and its hyper-parameters, logged at the start of a run."""
+        lines = [self.name]
+        lines += [f"  {key}: {value}" for key, value in self.hyperparameters().items()]
+        return "\n".join(lines)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Server optimizer state (for checkpoints); stateless strategies return {}."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+
+def apply_rows(table: Tensor, rows: SparseRows | RowAverage, scale: float = 1.0) -> None:
+    """table[ids] += scale * values, in place."""
+    ids = rows.ids
+    values = rows.values if isinstance(rows, SparseRows) else rows.mean
+    table.index_add_(0, ids, values, alpha=scale)

@@ -1,0 +1,145 @@
+"""Server optimizers on the pseudo-gradient -(mean delta): Reddi et al., ICLR 2021, "Adaptive
+Federated Optimization" (FedAdagrad, FedAdam, FedYogi), and server momentum (FedAvgM, Hsu et
+al. 2019, "Measuring the Effects of Non-Identical Data Distribution for Federated Visual
+Classification").
+
+Embedding tables are updated lazily: only the rows some client touched this round get their
+moments updated and move, as SparseAdam does for sparse gradients. Dense moments are vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fltoolkit.strategies.base import ServerModel
+from fltoolkit.strategies.fedavg import FedAvg
+from fltoolkit.updates import ClientUpdate
+
+
+class FedOpt(FedAvg):
+    """Base of the adaptive server optimizers: averages like FedAvg, then takes a server step.
+
+    Args:
+        eta: server learning rate.
+        beta_1: first-moment decay.
+        beta_2: second-moment decay (unused by FedAdagrad).
+        tau: adaptivity; also the initial second moment is tau**2 (v_{-1} >= tau^2 in the paper).
+        sparse_weighting, weighted: as in FedAvg.
+    """
+
+    def __init__(self, *, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99,
+                 tau: float = 1e-3, sparse_weighting: str = "touched",
+                 weighted: bool = True) -> None:
+        super().__init__(server_lr=1.0, sparse_weighting=sparse_weighting, weighted=weighted)
+        self.eta, self.beta_1, self.beta_2, self.tau = eta, beta_1, beta_2, tau
+        self.moments: dict[str, dict[str, Tensor]] = {}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"eta": self.eta, "beta_1": self.beta_1, "beta_2": self.beta_2, "tau": self.tau,
+                "sparse_weighting": self.sparse_weighting, "weighted": self.weighted}
+
+    def second_moment(self, v: Tensor, delta: Tensor) -> Tensor:
+        """The new v from the old v and the mean delta (the part that differs per method)."""
+        raise NotImplementedError
+
+    def initial_moments(self, like: Tensor) -> dict[str, Tensor]:
+        """Moments before the first round: m = 0, v = tau^2."""
+        return {"m": torch.zeros_like(like), "v": torch.full_like(like, self.tau ** 2)}
+
+    def step(self, delta: Tensor, moments: dict[str, Tensor]
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(update to add to the weights, new moments) for a mean delta."""
+        m = self.beta_1 * moments["m"] + (1 - self.beta_1) * delta
+        v = self.second_moment(moments["v"], delta)
+        return self.eta * m / (v.sqrt() + self.tau), {"m": m, "v": v}
+
+    def _moments(self, name: str, like: Tensor) -> dict[str, Tensor]:
+        if name not in self.moments:
+            self.moments[name] = self.initial_moments(like)
+        return self.moments[name]
+
+    def aggregate(self, updates: list[ClientUpdate], server: ServerModel) -> None:
+        dense, rows = self.average(updates, server)
+        state = self._moments("dense", server.dense)
+        update, new = self.step(dense, state)
+        state.update(new)
+        server.dense.add_(update)
+        for table, average in rows.items():
+            state = self._moments(table, server.tables[table])
+            ids = average.ids
+            update, new = self.step(average.mean, {k: v[ids] for k, v in state.items()})
+            for key, value in new.items():
+                state[key][ids] = value
+            server.tables[table].index_add_(0, ids, update)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"moments": self.moments}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.moments = state["moments"]
+
+
+class FedAdagrad(FedOpt):
+    """v <- v + delta^2."""
+
+    name = "FedAdagrad"
+
+    def second_moment(self, v: Tensor, delta: Tensor) -> Tensor:
+        return v + delta * delta
+
+    def hyperparameters(self) -> dict[str, Any]:
+        params = super().hyperparameters()
+        params.pop("beta_2")
+        return params
+
+
+class FedAdam(FedOpt):
+    """v <- beta_2 v + (1 - beta_2) delta^2."""
+
+    name = "FedAdam"
+
+    def second_moment(self, v: Tensor, delta: Tensor) -> Tensor:
+        return self.beta_2 * v + (1 - self.beta_2) * delta * delta
+
+
+class FedYogi(FedOpt):
+    """v <- v - (1 - beta_2) delta^2 sign(v - delta^2)."""
+
+    name = "FedYogi"
+
+    def second_moment(self, v: Tensor, delta: Tensor) -> Tensor:
+        squared = delta * delta
+        return v - (1 - self.beta_2) * squared * torch.sign(v - squared)
+
+
+class FedAvgM(FedOpt):
+    """Server momentum: m <- momentum * m + delta; w <- w + eta * m.
+
+    Args:
+        eta: server learning rate (1.0 with momentum 0 is FedAvg).
+        momentum: server momentum.
+        sparse_weighting, weighted: as in FedAvg.
+    """
+
+    name = "FedAvgM"
+
+    def __init__(self, *, eta: float = 1.0, momentum: float = 0.9,
+                 sparse_weighting: str = "touched", weighted: bool = True) -> None:
+        super().__init__(eta=eta, beta_1=momentum, sparse_weighting=sparse_weighting,
+                         weighted=weighted)
+        self.momentum = momentum
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"eta": self.eta, "momentum": self.momentum,
+                "sparse_weighting": self.sparse_weighting, "weighted": self.weighted}
+
+    def initial_moments(self, like: Tensor) -> dict[str, Tensor]:
+        return {"m": torch.zeros_like(like)}
+
+    def step(self, delta: Tensor, moments: dict[str, Tensor]
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+        m = self.momentum * moments["m"] + delta
+        return self.eta * m, {"m": m}
