@@ -249,19 +249,17 @@ def _draw_profiles(rng: np.random.Generator, users: int) -> dict[str, np.ndarray
 def _user_parameters(rng: np.random.Generator, profile: dict[str, np.ndarray],
                      model: ClickModel) -> tuple[np.ndarray, np.ndarray]:
     """User logit offsets and latent vectors, mostly sums of per-profile-value parameters."""
-    users = len(profile["age_level"])
+    users, dim = len(profile["age_level"]), model.latent_dim
     norm = np.sqrt(sum(w * w for w in _PROFILE_WEIGHTS.values()))
     logit = rng.normal(0.0, model.user_effect, users)
-    vector = np.zeros((users, model.latent_dim))
+    vector = rng.normal(0.0, model.user_vector_noise / np.sqrt(dim), (users, dim))
     for name, weight in _PROFILE_WEIGHTS.items():
         codes = profile[name]
-        scale = weight / norm
-        logit += rng.normal(0.0, model.profile_effect * scale, codes.max() + 1)[codes]
-        per_value = rng.normal(0.0, scale / np.sqrt(model.latent_dim),
-                               (codes.max() + 1, model.latent_dim))
-        vector += per_value[codes]
-    noise = rng.normal(0.0, model.user_vector_noise / np.sqrt(model.latent_dim), vector.shape)
-    return logit, (vector + noise) * model.affinity
+        values = codes.max() + 1
+        effect = rng.normal(0.0, 1.0, values)
+        logit += _standardized(effect, codes, model.profile_effect * weight / norm)[codes]
+        vector += _standardized(rng.normal(0.0, 1.0, (values, dim)), codes, weight / norm)[codes]
+    return logit, vector * model.affinity
 
 
 def _draw_ads(rng: np.random.Generator, sizes: _Sizes) -> dict[str, np.ndarray]:
@@ -291,14 +289,18 @@ def _ad_parameters(rng: np.random.Generator, ads: dict[str, np.ndarray], sizes: 
                    model: ClickModel) -> tuple[np.ndarray, np.ndarray]:
     """Ad logit offsets (category, brand, customer, campaign, ad) and category vectors."""
     brand_effect = np.r_[rng.normal(0.0, model.brand_effect, sizes.brands), 0.0]  # [-1]: NULL
+    category = ads["category"]
+    category_effect = _standardized(rng.normal(0.0, 1.0, sizes.categories), category,
+                                    model.category_effect)
     logit = (
-        rng.normal(0.0, model.category_effect, sizes.categories)[ads["category"]]
+        category_effect[category]
         + brand_effect[ads["brand"]]
         + rng.normal(0.0, model.customer_effect, sizes.customers)[ads["customer"]]
         + rng.normal(0.0, model.campaign_effect, sizes.campaigns)[ads["campaign"]]
         + rng.normal(0.0, model.ad_effect, sizes.ads)
     )
-    return logit, rng.normal(0.0, 1.0, (sizes.categories, model.latent_dim))
+    vector = rng.normal(0.0, 1.0, (sizes.categories, model.latent_dim))
+    return logit, _standardized(vector, category, np.sqrt(model.latent_dim))
 
 
 def _ad_attributes(rng: np.random.Generator, ads: dict[str, np.ndarray],
@@ -510,6 +512,18 @@ def _distinct_ids(rng: np.random.Generator, count: int, real_max: int) -> np.nda
     """Sorted distinct positive ids from [1, max(real_max, 1.05 * count)]."""
     high = max(real_max, int(np.ceil(1.05 * count)))
     return np.sort(rng.choice(high, count, replace=False)).astype(np.int64) + 1
+
+
+def _standardized(table: np.ndarray, codes: np.ndarray, scale: float) -> np.ndarray:
+    """Per-value `table` shifted and scaled so that `table[codes]` has mean 0 and RMS norm `scale`.
+
+    Fixes the realised strength of an effect drawn over few values (gender has two), so that
+    seeds give comparable oracle AUCs.
+    """
+    values = table[codes]
+    centered = table - values.mean(axis=0)
+    rms = np.sqrt(np.mean(np.square(centered[codes]).reshape(len(codes), -1).sum(axis=1)))
+    return centered * (scale / rms) if rms > 0 else centered
 
 
 def _cover(rng: np.random.Generator, items: int, weights: np.ndarray) -> np.ndarray:

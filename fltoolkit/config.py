@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-from jsonargparse import lazy_instance
-
 from fltoolkit.selection import ClientSelector, UniformSelector
 from fltoolkit.strategies import FedAvg, Strategy
 
@@ -30,8 +28,10 @@ class FederatedConfig:
         local_epochs: passes over its rows that each client makes per round; unset to use
             `local_steps` instead.
         local_steps: mini-batches per client per round (used when local_epochs is unset).
-        strategy: the server aggregation (class_path fltoolkit.strategies.FedAvg, FedYogi, ...).
-        selector: the client selector (class_path fltoolkit.selection.UniformSelector).
+        strategy: the server aggregation, by class_path: fltoolkit.strategies.FedAvg (default),
+            FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad, QFedAvg.
+        selector: the client selector, by class_path (default
+            fltoolkit.selection.UniformSelector).
         local_tables: tables kept on the clients and never uploaded (e.g. [user]), or `all`.
         eval_interval: evaluate the global model on the test split every this many rounds
             (and after the last round).
@@ -45,8 +45,8 @@ class FederatedConfig:
         batch_size: int = 32,
         local_epochs: int | None = 1,
         local_steps: int | None = None,
-        strategy: Strategy = lazy_instance(FedAvg),
-        selector: ClientSelector = lazy_instance(UniformSelector),
+        strategy: Strategy | None = None,
+        selector: ClientSelector | None = None,
         local_tables: list[str] | Literal["all"] | None = None,
         eval_interval: int = 10,
     ) -> None:
@@ -64,7 +64,7 @@ class FederatedConfig:
         self.batch_size = batch_size
         self.local_epochs = local_epochs
         self.local_steps = local_steps
-        self.strategy = strategy
-        self.selector = selector
+        self.strategy = strategy or FedAvg()
+        self.selector = selector or UniformSelector()
         self.local_tables = local_tables or []
         self.eval_interval = eval_interval

@@ -54,3 +54,14 @@ def taobao_dir(tmp_path: Path) -> Path:
 # Small batches gain nothing from a second intra-op thread, and OpenMP spin-waits slow tests
 # badly when the other core is busy.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """10k rows of synthetic Taobao data, prepared once for the whole session."""
+    from datamodules.taobao import TaobaoDataModule
+
+    dm = TaobaoDataModule(num_rows=10_000, seed=0,
+                          cache_dir=str(tmp_path_factory.mktemp("fltk-cache")))
+    dm.setup()
+    return dm.data

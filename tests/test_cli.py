@@ -17,13 +17,14 @@ EXPERIMENT = str(Path(__file__).resolve().parents[1] / "experiments" / "taobao.y
 def _fit(tmp_path: Path, *extra: str) -> int:
     return main(["fit", "--experiment", EXPERIMENT, "--data.num_rows", "10000",
                  "--data.init_args.cache_dir", str(tmp_path / "cache"),
-                 "--federated.enabled", "false", *extra])
+                 *extra])
 
 
 @pytest.mark.slow
 def test_centralized_fit_writes_config_metrics_and_summary(tmp_path, capsys):
     run = tmp_path / "run"
-    assert _fit(tmp_path, "--run_dir", str(run), "--trainer.max_epochs", "2") == 0
+    assert _fit(tmp_path, "--run_dir", str(run), "--federated.enabled", "false",
+                "--trainer.max_epochs", "2") == 0
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["data"]["init_args"]["num_rows"] == 10000 and config["seed"] == 0
     with (run / "metrics.csv").open() as f:
@@ -39,7 +40,7 @@ def test_centralized_fit_writes_config_metrics_and_summary(tmp_path, capsys):
     assert 0.6 < summary["auc"] <= 1.0
     assert float(rows[-1]["auc"]) == pytest.approx(summary["auc"], abs=1e-9)
     # a finished run directory is never reused
-    assert _fit(tmp_path, "--run_dir", str(run), "--trainer.max_epochs", "1") == 2
+    assert _fit(tmp_path, "--run_dir", str(run), "--federated.enabled", "false") == 2
     assert "already exists and is not empty" in capsys.readouterr().err
 
 
@@ -67,3 +68,22 @@ def test_unknown_command_and_help(capsys):
     assert main(["fitt"]) == 2
     assert "unknown command 'fitt'" in capsys.readouterr().err
     assert main(["help"]) == 0
+
+
+@pytest.mark.slow
+def test_federated_fit_selects_the_strategy_by_class_path(tmp_path):
+    run = tmp_path / "run"
+    assert _fit(tmp_path, "--run_dir", str(run), "--federated.enabled", "true",
+                "--federated.rounds", "4", "--federated.clients_per_round", "20",
+                "--federated.eval_interval", "2", "--federated.local_tables", "[user]",
+                "--federated.strategy.class_path", "fltoolkit.strategies.FedYogi",
+                "--federated.strategy.init_args.eta", "0.02") == 0
+    with (run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["round"] for r in rows] == ["2", "4"]
+    assert int(rows[-1]["clients_seen"]) > 20 and int(rows[-1]["bytes_up_per_round"]) > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mode"] == "federated" and summary["strategy"] == "FedYogi"
+    assert summary["strategy_hyperparameters"]["eta"] == 0.02
+    assert summary["local_tables"] == ["user"]
+    assert summary["bytes_up_per_round"] > 0 and summary["bytes_down_per_round"] > 0

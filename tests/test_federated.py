@@ -1,0 +1,158 @@
+"""The federated loop: clients leave the global model untouched, updates hold only touched
+rows, FedProx pulls toward the global weights, local tables never leave a client, and a run
+learns and is deterministic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fltoolkit.client import ClientTrainer, LocalSchedule
+from fltoolkit.config import FederatedConfig
+from fltoolkit.loop import FederatedLoop, RoundStats
+from fltoolkit.model_parts import split_parameters
+from fltoolkit.strategies import FedAvg, FedProx, FedYogi
+from fltoolkit.updates import ClientUpdate, SparseRows
+from recsys.module import CTRModule
+
+
+def _module(data, seed: int = 0) -> CTRModule:
+    torch.manual_seed(seed)
+    return CTRModule(embedding_dim=8, dense_hidden=[16], over_hidden=[32], features=data.features)
+
+
+def _state(module: CTRModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _trainer(data, module, **kwargs) -> ClientTrainer:
+    parts = split_parameters(module, data.features.sparse)
+    schedule = LocalSchedule(batch_size=4, local_steps=3)
+    return ClientTrainer(module, parts, data.train, schedule, **kwargs)
+
+
+def test_schedule_handles_clients_smaller_than_a_batch():
+    generator = torch.Generator().manual_seed(0)
+    batches = LocalSchedule(batch_size=32, local_steps=3).batches(5, generator)
+    assert [sorted(b.tolist()) for b in batches] == [[0, 1, 2, 3, 4]] * 3
+    epochs = LocalSchedule(batch_size=2, local_epochs=2).batches(5, generator)
+    assert [len(b) for b in epochs] == [2, 2, 1, 2, 2, 1]
+
+
+def test_client_training_leaves_the_global_model_unchanged(synthetic_data):
+    module = _module(synthetic_data)
+    trainer = _trainer(synthetic_data, module)
+    before = _state(module)
+    update = trainer.train(client=3, seed=11)
+    after = _state(module)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert update.dense.abs().sum() > 0
+    # a second run of the same client from the same state gives the same update: the local
+    # optimizer state was reset, not carried over
+    again = trainer.train(client=3, seed=11)
+    assert torch.equal(update.dense, again.dense)
+    for name, rows in update.tables.items():
+        assert torch.equal(rows.values, again.tables[name].values)
+
+
+def test_update_carries_exactly_the_rows_the_client_touched(synthetic_data):
+    module = _module(synthetic_data)
+    update = _trainer(synthetic_data, module).train(client=5, seed=1)
+    client_ids = synthetic_data.train.sparse[synthetic_data.train.client_rows(5)]
+    for column, name in enumerate(synthetic_data.features.sparse):
+        assert update.tables[name].ids.tolist() == torch.unique(client_ids[:, column]).tolist()
+    embedding_dim = 8
+    rows = sum(r.ids.numel() for r in update.tables.values())
+    assert update.upload_bytes() == update.dense.numel() * 4 + rows * (8 + 4 * embedding_dim)
+
+
+def test_fedprox_term_pulls_toward_the_global_weights(synthetic_data):
+    module = _module(synthetic_data)
+    free = _trainer(synthetic_data, module).train(client=2, seed=5)
+    pulled = _trainer(synthetic_data, module, proximal_mu=50.0).train(client=2, seed=5)
+    pushed = _trainer(synthetic_data, module, proximal_mu=-5.0).train(client=2, seed=5)
+    assert pulled.dense.norm() < free.dense.norm() < pushed.dense.norm()
+    for name in free.tables:
+        assert pulled.tables[name].values.norm() < free.tables[name].values.norm()
+
+
+def _loop(data, seed: int = 0, **kwargs) -> FederatedLoop:
+    config = FederatedConfig(**{"rounds": 4, "clients_per_round": 20, "eval_interval": 2,
+                                "batch_size": 16, **kwargs})
+    return FederatedLoop(_module(data, seed), data, config, seed=seed)
+
+
+def test_local_tables_never_leave_the_client(synthetic_data):
+    loop = _loop(synthetic_data, local_tables=["user"])
+    user_table = loop.parts.tables["user"].weight
+    initial_user = user_table.detach().clone()
+    sent: list[ClientUpdate] = []
+    aggregate = loop.strategy.aggregate
+    loop.strategy.aggregate = lambda updates, server: (sent.extend(updates),
+                                                       aggregate(updates, server))
+    loop.run()
+    assert sent and all("user" not in u.tables for u in sent)
+    assert all("adgroup_id" in u.tables for u in sent)
+    assert "user" not in loop.server_tables
+    assert torch.equal(user_table.detach(), initial_user)  # the server's copy never trained
+    stored = loop.local_tables.rows["user"]
+    assert set(stored) == set(torch.nonzero(torch.tensor(loop.participation)).flatten().tolist())
+    client, rows = next(iter(stored.items()))
+    assert not torch.equal(rows.values, initial_user[rows.ids])  # trained on the client
+
+
+def test_local_rows_score_their_clients_test_rows(synthetic_data):
+    from fltoolkit.evaluation import evaluate
+
+    loop = _loop(synthetic_data, local_tables=["user"])
+    loop.run()
+    data = synthetic_data
+    with_local = evaluate(loop.module, loop.parts, data.test, 4096, data.train.client_ids,
+                          loop.local_tables)
+    server_only = evaluate(loop.module, loop.parts, data.test, 4096, data.train.client_ids)
+    assert with_local["logloss"] != server_only["logloss"]
+
+
+def test_federated_run_learns_and_is_deterministic(synthetic_data):
+    first = _loop(synthetic_data, rounds=10, clients_per_round=50, eval_interval=5)
+    row = first.run()
+    assert first.history[0]["auc"] < row["auc"] and row["auc"] > 0.6
+    assert row["bytes_up_per_round"] > 0 and row["clients_seen"] > 50
+    second = _loop(synthetic_data, rounds=10, clients_per_round=50, eval_interval=5)
+    assert second.run()["auc"] == row["auc"]
+
+
+@pytest.mark.parametrize("strategy", [FedYogi(eta=0.01), FedProx(mu=0.01)])
+def test_other_strategies_run_through_the_loop(synthetic_data, strategy):
+    loop = _loop(synthetic_data, strategy=strategy)
+    assert 0.0 < loop.run()["auc"] < 1.0
+
+
+def test_non_finite_updates_are_rejected(synthetic_data):
+    loop = _loop(synthetic_data, rounds=1)
+    train = loop.trainer.train
+
+    def poisoned(client: int, seed: int) -> ClientUpdate:
+        update = train(client, seed)
+        if client % 2:
+            return ClientUpdate(update.client, update.num_samples, float("nan"), update.dense,
+                                update.tables)
+        return update
+
+    loop.trainer.train = poisoned
+    stats = RoundStats()
+    loop.run_round(1, stats)
+    assert stats.rejected == sum(1 for c in loop.selector.select(1, 20) if c % 2) or stats.rejected
+    assert torch.isfinite(torch.cat([p.detach().flatten() for p in loop.module.parameters()])).all()
+
+
+def test_clients_per_round_larger_than_population_is_a_config_error(synthetic_data):
+    from fltoolkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="exceeds the"):
+        _loop(synthetic_data, clients_per_round=10**6)
+
+
+def test_sparse_rows_bytes():
+    rows = SparseRows(torch.tensor([1, 5]), torch.zeros(2, 4))
+    assert rows.num_bytes() == 2 * 8 + 2 * 4 * 4
