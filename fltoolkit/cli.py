@@ -130,7 +130,8 @@ def _configure_logging() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
-    for noisy in ("lightning.pytorch", "lightning.fabric", "torch.distributed"):
+    for noisy in ("lightning.pytorch", "lightning.fabric", "torch.distributed",
+                  "torch.fx._symbolic_trace"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for message in ("is_fx_tracing", "does not have many workers", "LightningCLI's args",
                     "isinstance.treespec, LeafSpec", "deprecated in v4.49.0"):

@@ -34,6 +34,10 @@ class CTRModule(L.LightningModule):
         sparse_optimizer: optimizer of the embedding tables, which get sparse gradients, so it
             must accept them (SGD, Adagrad without weight decay, SparseAdam); default
             Adagrad(lr=0.05).
+        embedding_l2: L2 penalty on the embeddings a batch looks up (mean over rows of the
+            squared norms). Id tables of users and ads memorize quickly; this keeps rows that
+            are seen a few times near zero, and it touches only the rows in the batch, so the
+            table gradients stay sparse.
         features: the feature spec; usually unset and taken from the datamodule at fit time.
     """
 
@@ -44,12 +48,16 @@ class CTRModule(L.LightningModule):
         over_hidden: list[int] | None = None,
         dense_optimizer: OptimizerCallable | None = None,
         sparse_optimizer: OptimizerCallable | None = None,
+        embedding_l2: float = 0.0,
         features: FeatureSpec | None = None,
     ) -> None:
         super().__init__()
         if embedding_dim < 1:
             raise ValueError(f"model.embedding_dim must be >= 1, got {embedding_dim}")
+        if embedding_l2 < 0:
+            raise ValueError(f"model.embedding_l2 must be >= 0, got {embedding_l2}")
         self.embedding_dim = embedding_dim
+        self.embedding_l2 = embedding_l2
         self.dense_hidden = [64] if dense_hidden is None else list(dense_hidden)
         self.over_hidden = [128, 64] if over_hidden is None else list(over_hidden)
         self.dense_optimizer = dense_optimizer or (lambda p: torch.optim.Adam(p, lr=1e-3))
@@ -85,17 +93,31 @@ class CTRModule(L.LightningModule):
 
     def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
         """Logits [B] for dense [B, D] and sparse ids [B, F]."""
+        return self.logits_and_embeddings(dense, sparse)[0]
+
+    def logits_and_embeddings(self, dense: Tensor, sparse: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits [B] and the pooled embeddings [B, F, E] they came from.
+
+        TorchRec's DLRM arches called in DLRM.forward's order, keeping the embeddings at hand.
+        """
         if self.model is None:
             raise RuntimeError("CTRModule has no network yet: call configure_features(spec)")
         if dense.shape[1] == 0:  # DLRM's dense arch needs one input; feed a constant
             dense = torch.zeros(dense.shape[0], 1)
-        return self.model(dense, self.to_kjt(sparse)).squeeze(-1)
+        dlrm = self.model
+        embedded = dlrm.sparse_arch(self.to_kjt(sparse))
+        interactions = dlrm.inter_arch(dense_features=dlrm.dense_arch(dense),
+                                       sparse_features=embedded)
+        return dlrm.over_arch(interactions).squeeze(-1), embedded
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(logits, labels)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        loss = self.loss(self(batch.dense, batch.sparse), batch.label)
+        logits, embedded = self.logits_and_embeddings(batch.dense, batch.sparse)
+        loss = self.loss(logits, batch.label)
+        if self.embedding_l2:
+            loss = loss + self.embedding_l2 * embedded.square().sum(dim=(1, 2)).mean()
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
