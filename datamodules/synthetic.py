@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-GENERATOR_VERSION = "taobao-synthetic-1"
+GENERATOR_VERSION = "taobao-synthetic-2"
 PIDS = ("430548_1007", "430539_1007")
 TIME_START = 1_494_000_000  # 2017-05-06 00:00 Beijing time (UTC+8)
 TEST_START = 1_494_604_800  # 2017-05-13 00:00 Beijing time: the test day starts
@@ -63,12 +63,15 @@ _PROFILE_PROBS = {
     "new_user_class_level": (0.3, 0.1, 0.38, 0.11, 0.11),
 }
 _CATEGORY_ZIPF = 1.0  # exponent of the power law of category shares
+_ADS_PER_CATEGORY = 126  # the real ratio: 846k adgroups, 6.7k categories
 _NUM_SEGIDS = 97
 _SEGID_ZERO_PROB = 0.6
 # Relative weight of each profile column in the user effect and in the user latent vector.
+# Many-valued cms_segid gets little latent weight: its vectors would need much data to learn.
 _PROFILE_WEIGHTS = {
-    "final_gender_code": 1.0, "age_level": 1.0, "cms_segid": 0.7, "cms_group_id": 0.6,
-    "shopping_level": 0.5, "pvalue_level": 0.5, "occupation": 0.3, "new_user_class_level": 0.4,
+    "final_gender_code": (1.0, 1.0), "age_level": (1.0, 1.0), "cms_segid": (0.7, 0.2),
+    "cms_group_id": (0.6, 0.6), "shopping_level": (0.5, 0.5), "pvalue_level": (0.5, 0.5),
+    "occupation": (0.3, 0.2), "new_user_class_level": (0.4, 0.4),
 }
 
 
@@ -80,13 +83,13 @@ class ClickModel:
     latent_dim: int = 8
     profile_effect: float = 0.5  # all profile-value main effects together
     affinity: float = 1.0  # user x category dot product
-    user_vector_noise: float = 0.25  # per-user part of the user vector, relative to its profile part
-    user_effect: float = 0.15  # per-user idiosyncratic term
+    user_vector_noise: float = 0.05  # per-user part of the user vector, relative to its profile part
+    user_effect: float = 0.05  # per-user idiosyncratic term
     category_effect: float = 0.4
     brand_effect: float = 0.2
-    customer_effect: float = 0.2
-    campaign_effect: float = 0.1
-    ad_effect: float = 0.15  # per-ad idiosyncratic term
+    customer_effect: float = 0.1
+    campaign_effect: float = 0.05
+    ad_effect: float = 0.05  # per-ad idiosyncratic term
     pid_effect: float = 0.15
 
 
@@ -106,7 +109,8 @@ class _Sizes:
     def for_rows(cls, rows: int) -> _Sizes:
         ads = rows // 31
         return cls(
-            rows=rows, users=rows // 23, ads=ads, categories=max(20, min(6700, ads // 10)),
+            rows=rows, users=rows // 23, ads=ads,
+            categories=max(20, min(6700, ads // _ADS_PER_CATEGORY)),
             campaigns=max(1, ads // 2), customers=max(1, round(0.3 * ads)),
             brands=max(1, round(0.12 * ads)),
         )
@@ -250,15 +254,17 @@ def _user_parameters(rng: np.random.Generator, profile: dict[str, np.ndarray],
                      model: ClickModel) -> tuple[np.ndarray, np.ndarray]:
     """User logit offsets and latent vectors, mostly sums of per-profile-value parameters."""
     users, dim = len(profile["age_level"]), model.latent_dim
-    norm = np.sqrt(sum(w * w for w in _PROFILE_WEIGHTS.values()))
+    main_norm, latent_norm = np.sqrt(np.square(list(_PROFILE_WEIGHTS.values())).sum(axis=0))
     logit = rng.normal(0.0, model.user_effect, users)
     vector = rng.normal(0.0, model.user_vector_noise / np.sqrt(dim), (users, dim))
-    for name, weight in _PROFILE_WEIGHTS.items():
+    for name, (main_weight, latent_weight) in _PROFILE_WEIGHTS.items():
         codes = profile[name]
         values = codes.max() + 1
-        effect = rng.normal(0.0, 1.0, values)
-        logit += _standardized(effect, codes, model.profile_effect * weight / norm)[codes]
-        vector += _standardized(rng.normal(0.0, 1.0, (values, dim)), codes, weight / norm)[codes]
+        effect = _standardized(rng.normal(0.0, 1.0, values), codes, main_weight / main_norm)
+        latent = _standardized(rng.normal(0.0, 1.0, (values, dim)), codes,
+                               latent_weight / latent_norm)
+        logit += model.profile_effect * effect[codes]
+        vector += latent[codes]
     return logit, vector * model.affinity
 
 

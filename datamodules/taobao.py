@@ -184,8 +184,7 @@ class TaobaoDataModule(CTRDataModule):
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_ensure(out.parent)))
             try:
                 generate_taobao(tmp, num_rows=self.num_rows, seed=self.seed)
-                shutil.rmtree(out, ignore_errors=True)
-                tmp.rename(out)
+                _publish(tmp, out, "synthetic_meta.json")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return out
@@ -223,8 +222,7 @@ class TaobaoDataModule(CTRDataModule):
             meta = self._preprocess(source, tmp)
             meta["preprocess_seconds"] = round(time.perf_counter() - started, 3)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
+            _publish(tmp, out, "meta.json")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("data: preprocessed %s in %.1f s -> %s", source, meta["preprocess_seconds"], out)
@@ -347,6 +345,21 @@ def _tensor(frame: pl.DataFrame, columns: list[str], dtype: type, width: int) ->
         return torch.zeros((frame.height, 0), dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
     array = frame.select(columns).to_numpy()
     return torch.from_numpy(np.require(array, dtype, requirements=["C", "W"]))
+
+
+def _publish(tmp: Path, out: Path, marker: str) -> None:
+    """Move a finished directory into place; a concurrent run that got there first wins.
+
+    A directory without its `marker` file is debris of an interrupted run and is replaced.
+    """
+    if (out / marker).is_file():
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not (out / marker).is_file():
+            raise
 
 
 def _ensure(path: Path) -> Path:
