@@ -36,8 +36,11 @@ def _setup(rows: int, table_rows: int, clients_per_round: int):
     spec = dm.feature_spec
     spec = replace(spec, cardinalities=[max(c, table_rows) for c in spec.cardinalities])
     torch.manual_seed(0)
-    module = CTRModule(features=spec)
-    config = FederatedConfig(clients_per_round=clients_per_round, rounds=1)
+    # the default experiment's model and local schedule (experiments/taobao.yaml)
+    module = CTRModule(features=spec, dense_optimizer=lambda p: torch.optim.SGD(p, lr=0.3),
+                       sparse_optimizer=lambda p: torch.optim.SGD(p, lr=3.0))
+    config = FederatedConfig(clients_per_round=clients_per_round, rounds=1, batch_size=32,
+                             local_epochs=3)
     return dm, module, FederatedLoop(module, dm.data, config, seed=0)
 
 
