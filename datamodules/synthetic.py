@@ -83,7 +83,7 @@ class ClickModel:
     latent_dim: int = 8
     profile_effect: float = 0.5  # all profile-value main effects together
     affinity: float = 1.0  # user x category dot product
-    user_vector_noise: float = 0.05  # per-user part of the user vector, relative to its profile part
+    user_vector_noise: float = 0.05  # per-user part of the user vector, relative to the profile
     user_effect: float = 0.05  # per-user idiosyncratic term
     category_effect: float = 0.4
     brand_effect: float = 0.2

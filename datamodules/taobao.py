@@ -112,7 +112,7 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 class TaobaoDataModule(CTRDataModule):
-    """Taobao Ad Display/Click data, real (data_dir) or synthetic (generated when data_dir is unset).
+    """Taobao Ad Display/Click data: real (data_dir) or synthetic (generated without data_dir).
 
     Args:
         data_dir: folder with raw_sample.csv, user_profile.csv and ad_feature.csv. Unset: synthetic
@@ -283,7 +283,8 @@ class TaobaoDataModule(CTRDataModule):
             log.info("data: writing the %s split", split)
             (joined.filter(keep).sort(["user", "time_stamp"], maintain_order=True)
              .select(columns).sink_parquet(out / f"{split}.parquet"))
-            counts[split] = pl.scan_parquet(out / f"{split}.parquet").select(pl.len()).collect().item()
+            written = pl.scan_parquet(out / f"{split}.parquet")
+            counts[split] = written.select(pl.len()).collect().item()
 
         baseline_auc = self._popularity_baseline(joined, is_test)
         joined_path.unlink()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from argparse import ArgumentError
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile
@@ -89,9 +89,8 @@ class FltkCLI(LightningCLI):
             raise ConfigError(constructor_error(str(error))) from error
 
     def _set_seed(self) -> None:
-        from lightning.pytorch import seed_everything
-
         import torch
+        from lightning.pytorch import seed_everything
 
         torch.set_num_threads(self.config["num_threads"])
         seed_everything(self.config["seed"], workers=True, verbose=False)

@@ -7,8 +7,8 @@ table's weight is swapped, for the evaluation only, for one holding every stored
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor

@@ -44,7 +44,7 @@ def build_dlrm(
     over_hidden: list[int] | None = None,
     sparse_grad: bool = True,
 ) -> DLRM:
-    """torchrec's DLRM: dense MLP to `embedding_dim`, pairwise dot interactions, over MLP to 1 logit.
+    """torchrec's DLRM: dense MLP to `embedding_dim`, pairwise dots, over MLP to one logit.
 
     B: batch size, F: sparse features, D: dense features.
     Input: dense [B, D] float, KeyedJaggedTensor of F single-id features. Output: logits [B, 1].

@@ -70,7 +70,7 @@ class CTRModule(L.LightningModule):
             self.configure_features(features)
 
     def configure_features(self, features: FeatureSpec) -> None:
-        """Build the network for these features (vocabulary sizes are known only after data prep)."""
+        """Build the network for these features (vocabulary sizes come from the data prep)."""
         if self.features is not None:
             if self.features != features:
                 raise ValueError("CTRModule was built for other features")

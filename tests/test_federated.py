@@ -11,7 +11,7 @@ from fltoolkit.client import ClientTrainer, LocalSchedule
 from fltoolkit.config import FederatedConfig
 from fltoolkit.loop import FederatedLoop, RoundStats
 from fltoolkit.model_parts import split_parameters
-from fltoolkit.strategies import FedAvg, FedProx, FedYogi
+from fltoolkit.strategies import FedProx, FedYogi
 from fltoolkit.updates import ClientUpdate, SparseRows
 from recsys.module import CTRModule
 

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from fltoolkit.strategies import (
-    AggregationError, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, QFedAvg,
+    AggregationError,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+    QFedAvg,
     ServerModel,
 )
 from fltoolkit.updates import ClientUpdate, SparseRows

@@ -23,6 +23,7 @@ class ClientSelector(ABC):
 
     def feedback(self, round_index: int, updates: list[ClientUpdate]) -> None:
         """What the round's clients reported (loss, samples); ignored by default."""
+        return
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state}

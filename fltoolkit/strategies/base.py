@@ -120,6 +120,7 @@ class Strategy(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
+        return
 
 
 def apply_rows(table: Tensor, rows: SparseRows | RowAverage, scale: float = 1.0) -> None:

@@ -9,7 +9,12 @@ import torch
 from torch import Tensor
 
 from fltoolkit.strategies.base import (
-    RowAverage, ServerModel, Strategy, apply_rows, check_updates, weighted_dense_mean,
+    RowAverage,
+    ServerModel,
+    Strategy,
+    apply_rows,
+    check_updates,
+    weighted_dense_mean,
     weighted_row_mean,
 )
 from fltoolkit.updates import ClientUpdate
