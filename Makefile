@@ -6,7 +6,6 @@ PIP := $(PY) -m pip
 # These machines set PYTHONDONTWRITEBYTECODE=1; without .pyc files every process spends
 # ~11 s importing torch + torchrec + lightning, so let ours write bytecode.
 unexport PYTHONDONTWRITEBYTECODE
-RUN_DIR ?= runs/demo
 
 .PHONY: setup demo test lint bench clean
 
@@ -22,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/fltk fit --experiment experiments/taobao.yaml --run_dir $(RUN_DIR) --overwrite true
+	$(VENV)/bin/fltk fit --experiment experiments/taobao.yaml
 
 test: setup
 	$(VENV)/bin/pytest -q

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as error:
         print(f"fltk {command}: error: {condense_parse_error(str(error))}", file=sys.stderr)
         return 2
-    except (ConfigError, DataError, RunDirectoryError) as error:
+    except (ConfigError, DataError, RunDirectoryError, FloatingPointError) as error:
         print(f"fltk {command}: error: {error}", file=sys.stderr)
         return 2
     print(f"fltk: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

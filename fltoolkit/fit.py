@@ -71,8 +71,7 @@ def run_fit(cli: Any, experiment_name: str) -> Path:
         extra = {"mode": "federated", "strategy": loop.strategy.name,
                  "strategy_hyperparameters": loop.strategy.hyperparameters(),
                  "rounds": federated.rounds, "clients_per_round": federated.clients_per_round,
-                 "local_tables": loop.local_tables is not None and list(loop.local_tables.initial)
-                 or []}
+                 "local_tables": list(loop.local_tables.initial) if loop.local_tables else []}
     info = datamodule.data.info
     summary = {
         **extra,
