@@ -167,6 +167,7 @@ class TaobaoDataModule(CTRDataModule):
         self.test_days = test_days
         self.cache_dir = Path(cache_dir or os.environ.get("FLTK_CACHE")
                               or Path.home() / ".cache" / "fltk")
+        self._prepared: Path | None = None
 
     # ------------------------------------------------------------------ sources
     def source_dir(self) -> Path:
@@ -207,6 +208,12 @@ class TaobaoDataModule(CTRDataModule):
         self._prepared_dir()
 
     def _prepared_dir(self) -> Path:
+        """The preprocessed cache directory, built on first use (prepare_data, then setup)."""
+        if self._prepared is None:
+            self._prepared = self._build_prepared_dir()
+        return self._prepared
+
+    def _build_prepared_dir(self) -> Path:
         source = self.source_dir()
         for name in (RAW_SAMPLE, USER_PROFILE, AD_FEATURE):
             if not (source / name).is_file():

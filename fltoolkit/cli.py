@@ -128,10 +128,11 @@ def _configure_logging() -> None:
     from rich.logging import RichHandler
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
-    for noisy in ("lightning.pytorch", "lightning.fabric", "torch.distributed",
-                  "torch.fx._symbolic_trace"):
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+    for noisy in ("lightning.pytorch", "lightning.fabric", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # torchrec trips torch.fx's deprecation notice about is_fx_tracing on every run
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     for message in ("is_fx_tracing", "does not have many workers", "LightningCLI's args",
                     "isinstance.treespec, LeafSpec", "deprecated in v4.49.0"):
         warnings.filterwarnings("ignore", message=f".*{message}.*")
