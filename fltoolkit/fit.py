@@ -32,9 +32,7 @@ class EvaluationRecorder(L.Callback):
         metrics = pl_module.last_metrics
         row = {"round": trainer.current_epoch + 1,
                "wall_time_s": round(time.perf_counter() - self.started, 3), **metrics}
-        self.run_dir.append_metrics(row)
-        log.info("epoch %d: auc %.4f logloss %.4f gauc %.4f", row["round"], metrics["auc"],
-                 metrics["logloss"], metrics["gauc"])
+        _record(self.run_dir, row)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -117,9 +115,11 @@ def _train_federated(loop: FederatedLoop, rounds: int) -> dict[str, Any]:
 
 
 def _record(run_dir: RunDirectory, row: dict[str, Any]) -> None:
+    """One evaluation: a metrics.csv row and a log line (round = epoch when centralized)."""
     run_dir.append_metrics(row)
-    log.info("round %d: auc %.4f logloss %.4f gauc %.4f clients_seen %d", row["round"],
-             row["auc"], row["logloss"], row["gauc"], row["clients_seen"])
+    seen = f" clients_seen {row['clients_seen']}" if "clients_seen" in row else ""
+    log.info("round %d: auc %.4f logloss %.4f gauc %.4f%s", row["round"], row["auc"],
+             row["logloss"], row["gauc"], seen)
 
 
 def _fmt(value: float | None) -> str:
