@@ -1,22 +1,27 @@
-"""ClientTrainer: local training of one client on the shared global module, then restore.
+"""CohortTrainer: local training of a round's clients on the shared global module.
 
-No copy of the model per client: the trainer snapshots what the client can change (the flat
-dense parameters and the table rows its batches touch, plus the optimizer state of those
-rows), trains through the module's own `training_step` and `configure_optimizers`, reads off
-the deltas and puts the snapshot back. A client's cost therefore follows its data, not the
-size of the tables.
+No copy of the model per client and no snapshot-and-restore of the tables. For a round the
+trainer lays every client's touched rows out in one compact buffer per table (client after
+client, ids remapped into its own segment) and points the module's table weights at that
+buffer; the dense parameters are views of one flat working vector, reset from the global
+vector before each client. Clients therefore never see each other's rows, the global tables
+are never written, a client's cost follows its data and not the tables' size, and every
+delta is one subtraction. Training goes through the module's own `training_step` and
+`configure_optimizers` (called per client, so local optimizer state starts fresh).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from datamodules.clients import ClientTable
+from datamodules.clients import Batch, ClientTable
 from fltoolkit.model_parts import ModelParts
 from fltoolkit.privacy.local_tables import LocalTableStore
 from fltoolkit.updates import ClientUpdate, SparseRows
@@ -49,12 +54,38 @@ class LocalSchedule:
         return list(order.view(self.local_steps, size))
 
 
-class ClientTrainer:
-    """Trains clients one after another on `module`, leaving it unchanged after each.
+@dataclass(frozen=True)
+class Cohort:
+    """A round's clients laid out for training. R: rows of all local batches, C: clients.
+
+    Attributes:
+        clients: the clients, in training order.
+        dense, label: [R, D] and [R] the rows of every local batch, client after client.
+        sparse: [R, F] their ids, remapped to positions in the compact buffers.
+        steps: per client, the slices of those rows that make its local batches.
+        row_ids: table -> [U] global row id of each compact buffer row.
+        segments: table -> [C + 1]; client c owns compact rows segments[c]:segments[c + 1].
+    """
+
+    clients: list[int]
+    dense: Tensor
+    sparse: Tensor
+    label: Tensor
+    steps: list[list[slice]]
+    row_ids: dict[str, Tensor]
+    segments: dict[str, Tensor]
+
+    def rows(self, table: str, slot: int) -> slice:
+        bounds = self.segments[table]
+        return slice(int(bounds[slot]), int(bounds[slot + 1]))
+
+
+class CohortTrainer:
+    """Trains a round's clients one after another from the same global weights.
 
     Args:
         module: the global LightningModule; its `training_step` gives the loss and its
-            `configure_optimizers` the local optimizer (built once, state reset per client).
+            `configure_optimizers` the local optimizer (built anew for every client).
         parts: the module's dense parameters and tables (see `model_parts.split_parameters`).
         data: the training ClientTable.
         schedule: local batch size and steps.
@@ -68,130 +99,135 @@ class ClientTrainer:
         self.module, self.parts, self.data, self.schedule = module, parts, data, schedule
         self.proximal_mu = proximal_mu
         self.local_tables = local_tables
-        self.optimizers = _as_list(module.configure_optimizers())
-        self.table_weights = {id(part.weight) for part in parts.tables.values()}
         self.dense_bytes = sum(p.numel() * p.element_size() for p in parts.dense)
 
-    def train(self, client: int, seed: int) -> ClientUpdate:
-        """Train one client from the current global weights; return its update."""
-        rows = self.data.client_rows(client)
-        num_rows = rows.stop - rows.start
-        generator = torch.Generator().manual_seed(seed)
-        batches = [rows.start + b for b in self.schedule.batches(num_rows, generator)]
-        used_ids = self.data.sparse[torch.cat(batches)]
-        touched = {name: torch.unique(used_ids[:, part.columns])
-                   for name, part in self.parts.tables.items()}
+    def train_round(self, clients: Sequence[int], seeds: Sequence[int]) -> list[ClientUpdate]:
+        """Train each client from the current global weights; the module is left unchanged."""
+        cohort = self.plan(clients, seeds)
+        global_dense = parameters_to_vector(self.parts.dense).detach().clone()
+        global_tables = {name: part.weight.data for name, part in self.parts.tables.items()}
+        start = {name: self._start_rows(name, cohort) for name in self.parts.tables}
+        work = {name: rows.clone() for name, rows in start.items()}
+        work_dense = global_dense.clone()
+        dense_deltas = torch.empty(len(clients), global_dense.numel())
+        losses = []
+        try:
+            for name, part in self.parts.tables.items():
+                part.weight.data = work[name]
+            vector_to_parameters(work_dense, self.parts.dense)  # parameters become views
+            for slot in range(len(clients)):
+                work_dense.copy_(global_dense)
+                losses.append(self._train_client(cohort, slot, global_dense, start))
+                torch.sub(work_dense, global_dense, out=dense_deltas[slot])
+        finally:
+            for name, part in self.parts.tables.items():
+                part.weight.data = global_tables[name]
+            vector_to_parameters(global_dense, self.parts.dense)
+        return self._updates(cohort, start, work, dense_deltas, losses)
 
-        dense_before = parameters_to_vector(self.parts.dense).detach().clone()
-        rows_before = {name: self.parts.tables[name].weight.detach()[ids]
-                       for name, ids in touched.items()}
-        optimizer_before = self._optimizer_snapshot(touched)
-        with torch.no_grad():
-            for name in self._local_names():
-                start = self.local_tables.client_rows(name, client, touched[name])
-                self.parts.tables[name].weight.index_copy_(0, touched[name], start)
-            client_start = {name: self.parts.tables[name].weight.detach()[touched[name]]
-                            for name in self._local_names()}
+    def plan(self, clients: Sequence[int], seeds: Sequence[int]) -> Cohort:
+        """Each client's local batches and the compact layout of the rows they touch.
 
+        One `torch.unique` per table over (client slot, row id) keys gives, sorted by slot,
+        every client's distinct rows and, through the inverse, the remapped ids of its batches.
+        """
+        positions, steps, counts, offset = [], [], [], 0
+        for client, seed in zip(clients, seeds, strict=True):
+            rows = self.data.client_rows(client)
+            generator = torch.Generator().manual_seed(seed)
+            batches = self.schedule.batches(rows.stop - rows.start, generator)
+            positions += [rows.start + batch for batch in batches]
+            sizes = [len(batch) for batch in batches]
+            bounds = [offset, *(offset + total for total in accumulate(sizes))]
+            steps.append([slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)])
+            counts.append(sum(sizes))
+            offset += counts[-1]
+        order = torch.cat(positions)
+        slot = torch.repeat_interleave(torch.arange(len(clients)), torch.tensor(counts))
+        ids = self.data.sparse[order]
+        remapped = torch.empty_like(ids)
+        row_ids, segments = {}, {}
+        for name, part in self.parts.tables.items():
+            vocab = part.weight.shape[0]
+            keys = slot[:, None] * vocab + ids[:, part.columns]
+            unique, inverse = torch.unique(keys, return_inverse=True)
+            remapped[:, part.columns] = inverse
+            row_ids[name] = unique % vocab
+            segments[name] = torch.searchsorted(unique, torch.arange(len(clients) + 1) * vocab)
+        return Cohort(list(clients), self.data.dense[order], remapped, self.data.label[order],
+                      steps, row_ids, segments)
+
+    def _start_rows(self, table: str, cohort: Cohort) -> Tensor:
+        """The compact buffer's initial values: global rows, or a local table's client rows."""
+        weight = self.parts.tables[table].weight.detach()
+        ids = cohort.row_ids[table]
+        if self.local_tables is None or table not in self.local_tables:
+            return weight[ids]
+        return torch.cat([
+            self.local_tables.client_rows(table, client, ids[cohort.rows(table, slot)])
+            for slot, client in enumerate(cohort.clients)])
+
+    def _train_client(self, cohort: Cohort, slot: int, global_dense: Tensor,
+                      start: dict[str, Tensor]) -> float:
+        """Local steps of one client on its segment; returns its mean training loss."""
+        optimizers = _as_list(self.module.configure_optimizers())
         self.module.train()
         losses = []
-        for step, index in enumerate(batches):
-            batch = self.data.rows(index)
-            for optimizer in self.optimizers:
+        for step, rows in enumerate(cohort.steps[slot]):
+            batch = Batch(cohort.dense[rows], cohort.sparse[rows], cohort.label[rows])
+            for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
             loss = self.module.training_step(batch, step)
             loss.backward()
             if self.proximal_mu:
-                self._add_proximal_gradient(dense_before, {**rows_before, **client_start},
-                                            touched)
-            for optimizer in self.optimizers:
+                self._add_proximal_gradient(cohort, slot, global_dense, start)
+            for optimizer in optimizers:
                 optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
+        return float(torch.stack(losses).mean())
 
-        with torch.no_grad():
-            dense_delta = parameters_to_vector(self.parts.dense).detach() - dense_before
-            tables, download = {}, self.dense_bytes
-            for name, ids in touched.items():
-                weight = self.parts.tables[name].weight
-                now = weight.detach()[ids]
-                if self.local_tables is not None and name in self.local_tables:
-                    self.local_tables.save(name, client, ids, now)
-                else:
-                    tables[name] = SparseRows(ids, now - rows_before[name])
-                    download += tables[name].num_bytes()
-                weight.index_copy_(0, ids, rows_before[name])
-            vector_to_parameters(dense_before, self.parts.dense)
-            self._optimizer_restore(optimizer_before, touched)
-        return ClientUpdate(client=client, num_samples=num_rows,
-                            loss=sum(losses) / len(losses), dense=dense_delta, tables=tables,
-                            download_bytes=download)
+    def _add_proximal_gradient(self, cohort: Cohort, slot: int, global_dense: Tensor,
+                               start: dict[str, Tensor]) -> None:
+        """grad += mu (w - w_start): the gradient of mu/2 ||w - w_start||^2.
 
-    def _local_names(self) -> list[str]:
-        if self.local_tables is None:
-            return []
-        return [name for name in self.parts.tables if name in self.local_tables]
-
-    def _add_proximal_gradient(self, dense_before: Tensor, rows_before: dict[str, Tensor],
-                               touched: dict[str, Tensor]) -> None:
-        """grad += mu (w - w_start): the gradient of mu/2 ||w - w_start||^2, only where w moved.
-
-        For tables this is a sparse gradient on the touched rows, added to the data gradient.
+        For tables only the client's own segment can differ from its start, so the term is a
+        sparse gradient on those rows, added to the data gradient.
         """
         mu = self.proximal_mu
         offset = 0
         for param in self.parts.dense:
-            start = dense_before[offset:offset + param.numel()].view_as(param)
+            begin = global_dense[offset:offset + param.numel()].view_as(param)
             offset += param.numel()
-            pull = mu * (param.detach() - start)
+            pull = mu * (param.detach() - begin)
             param.grad = pull if param.grad is None else param.grad + pull
-        for name, ids in touched.items():
-            weight = self.parts.tables[name].weight
-            pull = mu * (weight.detach()[ids] - rows_before[name])
-            sparse = torch.sparse_coo_tensor(ids[None], pull, weight.shape)
+        for name, part in self.parts.tables.items():
+            rows = cohort.rows(name, slot)
+            weight = part.weight
+            pull = mu * (weight.detach()[rows] - start[name][rows])
+            positions = torch.arange(rows.start, rows.stop)[None]
+            sparse = torch.sparse_coo_tensor(positions, pull, weight.shape)
             weight.grad = sparse if weight.grad is None else weight.grad + sparse
 
-    def _optimizer_snapshot(self, touched: dict[str, Tensor]) -> list[dict]:
-        """The optimizer state the client may change: table rows it touches, all dense state.
-
-        Parameters without state yet (lazily initialized optimizers like Adam) are recorded as
-        absent and their state is dropped again on restore, so every client starts fresh.
-        """
-        ids_of = {id(part.weight): touched[name] for name, part in self.parts.tables.items()}
-        snapshots = []
-        for optimizer in self.optimizers:
-            saved = {}
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    state = optimizer.state.get(param)
-                    if not state:
-                        saved[param] = None
-                        continue
-                    ids = ids_of.get(id(param))
-                    saved[param] = {
-                        key: (value[ids].clone() if ids is not None and _is_rowwise(value, param)
-                              else value.clone() if torch.is_tensor(value) else value)
-                        for key, value in state.items()}
-            snapshots.append(saved)
-        return snapshots
-
-    def _optimizer_restore(self, snapshots: list[dict], touched: dict[str, Tensor]) -> None:
-        ids_of = {id(part.weight): touched[name] for name, part in self.parts.tables.items()}
-        for optimizer, saved in zip(self.optimizers, snapshots, strict=True):
-            for param, state in saved.items():
-                if state is None:
-                    optimizer.state.pop(param, None)
+    def _updates(self, cohort: Cohort, start: dict[str, Tensor], work: dict[str, Tensor],
+                 dense_deltas: Tensor, losses: list[float]) -> list[ClientUpdate]:
+        """Split the round's deltas per client; local tables' rows go to their store."""
+        deltas = {name: work[name] - start[name] for name in work}
+        updates = []
+        for slot, client in enumerate(cohort.clients):
+            tables, download = {}, self.dense_bytes
+            for name, delta in deltas.items():
+                rows = cohort.rows(name, slot)
+                ids = cohort.row_ids[name][rows]
+                if self.local_tables is not None and name in self.local_tables:
+                    self.local_tables.save(name, client, ids, work[name][rows])
                     continue
-                live = optimizer.state[param]
-                ids = ids_of.get(id(param))
-                for key, value in state.items():
-                    if ids is not None and _is_rowwise(live[key], param):
-                        live[key].index_copy_(0, ids, value)
-                    else:
-                        live[key] = value
-
-
-def _is_rowwise(value: object, param: Tensor) -> bool:
-    return torch.is_tensor(value) and value.shape == param.shape
+                tables[name] = SparseRows(ids, delta[rows])
+                download += tables[name].num_bytes()
+            num_rows = self.data.client_rows(client)
+            updates.append(ClientUpdate(
+                client=client, num_samples=num_rows.stop - num_rows.start, loss=losses[slot],
+                dense=dense_deltas[slot], tables=tables, download_bytes=download))
+        return updates
 
 
 def _as_list(optimizers: object) -> list[torch.optim.Optimizer]:

@@ -2,8 +2,8 @@
 
 Each round: select clients -> train each from the current global weights -> drop updates
 that are not finite -> aggregate with the strategy -> tell the selector -> evaluate every
-`eval_interval` rounds. The global model is the LightningModule itself; clients train on it
-in turn and leave it as they found it (see ClientTrainer).
+`eval_interval` rounds. The global model is the LightningModule itself; a round's clients
+train on it in turn and leave it as they found it (see CohortTrainer).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from datamodules.base import PreparedData
-from fltoolkit.client import ClientTrainer, LocalSchedule
+from fltoolkit.client import CohortTrainer, LocalSchedule
 from fltoolkit.config import ConfigError, FederatedConfig
 from fltoolkit.evaluation import evaluate
 from fltoolkit.model_parts import split_parameters
@@ -76,7 +76,7 @@ class FederatedLoop:
             raise ConfigError(f"federated.clients_per_round={config.clients_per_round} exceeds "
                               f"the {num_clients} training clients")
         self.selector.bind(num_clients, seed)
-        self.trainer = ClientTrainer(
+        self.trainer = CohortTrainer(
             module, self.parts, data.train,
             LocalSchedule(config.batch_size, config.local_steps or 1, config.local_epochs),
             proximal_mu=self.strategy.proximal_mu, local_tables=self.local_tables)
@@ -120,8 +120,9 @@ class FederatedLoop:
     def run_round(self, round_index: int, stats: RoundStats) -> None:
         clients = self.selector.select(round_index, self.config.clients_per_round)
         updates = []
-        for client in clients.tolist():
-            update = self.trainer.train(client, seed=self._client_seed(round_index, client))
+        chosen = clients.tolist()
+        seeds = [self._client_seed(round_index, client) for client in chosen]
+        for update in self.trainer.train_round(chosen, seeds):
             stats.bytes_down += update.download_bytes
             if update.is_finite() and np.isfinite(update.loss):
                 updates.append(update)
