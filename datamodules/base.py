@@ -35,15 +35,20 @@ class FeatureSpec:
         sparse: sparse feature names, in the column order of `ClientTable.sparse`.
         cardinalities: vocabulary size of each sparse feature (indices are 0..size-1).
         dense: dense feature names, in the column order of `ClientTable.dense`.
+        label_mean: the training split's click rate, if known (a model may start its output
+            bias at its logit: CTRModule's `prior_bias`).
     """
 
     sparse: list[str]
     cardinalities: list[int]
     dense: list[str] = field(default_factory=list)
+    label_mean: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.sparse) != len(self.cardinalities):
             raise ValueError("FeatureSpec: one cardinality per sparse feature is required")
+        if self.label_mean is not None and not 0.0 < self.label_mean < 1.0:
+            raise ValueError(f"FeatureSpec: label_mean must be in (0, 1), got {self.label_mean}")
 
 
 @dataclass

@@ -342,8 +342,10 @@ class TaobaoDataModule(CTRDataModule):
             )
         info = {k: meta[k] for k in ("baseline_auc", "oracle_auc") if meta.get(k) is not None}
         info["source"] = meta["source"]
+        label_mean = float(tables["train"].label.mean())
         features = FeatureSpec(meta["sparse_features"], meta["cardinalities"],
-                               meta["dense_features"])
+                               meta["dense_features"],
+                               label_mean=label_mean if 0.0 < label_mean < 1.0 else None)
         return PreparedData(tables["train"], tables["test"], features, info)
 
 

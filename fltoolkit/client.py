@@ -7,7 +7,8 @@ buffer; the dense parameters are views of one flat working vector, reset from th
 vector before each client. Clients therefore never see each other's rows, the global tables
 are never written, a client's cost follows its data and not the tables' size, and every
 delta is one subtraction. Training goes through the module's own `training_step` and
-`configure_optimizers` (called per client, so local optimizer state starts fresh).
+`configure_optimizers` (called per client, so local optimizer state starts fresh unless a
+ClientOptimizerStates store carries it over).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from datamodules.clients import Batch, ClientTable
 from fltoolkit.model_parts import ModelParts
+from fltoolkit.optimizer_state import ClientOptimizerStates
 from fltoolkit.privacy.local_tables import LocalTableStore
 from fltoolkit.updates import ClientUpdate, SparseRows
 
@@ -91,14 +93,18 @@ class CohortTrainer:
         schedule: local batch size and steps.
         proximal_mu: FedProx coefficient; the gradient of mu/2 ||w - w_global||^2 is added.
         local_tables: store of client-local tables (their rows are never uploaded), or None.
+        optimizer_states: store that keeps each client's optimizer state between its rounds,
+            or None for fresh local state every round.
     """
 
     def __init__(self, module: torch.nn.Module, parts: ModelParts, data: ClientTable,
                  schedule: LocalSchedule, proximal_mu: float = 0.0,
-                 local_tables: LocalTableStore | None = None) -> None:
+                 local_tables: LocalTableStore | None = None,
+                 optimizer_states: ClientOptimizerStates | None = None) -> None:
         self.module, self.parts, self.data, self.schedule = module, parts, data, schedule
         self.proximal_mu = proximal_mu
         self.local_tables = local_tables
+        self.optimizer_states = optimizer_states
         self.dense_bytes = sum(p.numel() * p.element_size() for p in parts.dense)
 
     def train_round(self, clients: Sequence[int], seeds: Sequence[int]) -> list[ClientUpdate]:
@@ -171,6 +177,12 @@ class CohortTrainer:
                       start: dict[str, Tensor]) -> float:
         """Local steps of one client on its segment; returns its mean training loss."""
         optimizers = _as_list(self.module.configure_optimizers())
+        client = cohort.clients[slot]
+        if self.optimizer_states is not None:
+            segments = {part.weight: (cohort.row_ids[name][cohort.rows(name, slot)],
+                                      cohort.rows(name, slot))
+                        for name, part in self.parts.tables.items()}
+            self.optimizer_states.load(client, optimizers, segments)
         self.module.train()
         losses = []
         for step, rows in enumerate(cohort.steps[slot]):
@@ -184,6 +196,8 @@ class CohortTrainer:
             for optimizer in optimizers:
                 optimizer.step()
             losses.append(loss.detach())
+        if self.optimizer_states is not None:
+            self.optimizer_states.save(client, optimizers, segments)
         return float(torch.stack(losses).mean())
 
     def _add_proximal_gradient(self, cohort: Cohort, slot: int, global_dense: Tensor,

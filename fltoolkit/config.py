@@ -33,6 +33,10 @@ class FederatedConfig:
         selector: the client selector, by class_path (default
             fltoolkit.selection.UniformSelector).
         local_tables: tables kept on the clients and never uploaded (e.g. [user]), or `all`.
+        keep_optimizer_state: keep each client's local optimizer state (dense, and the table
+            rows it touched) between its rounds; false starts it fresh every round. Only
+            stateful optimizers (Adam, Adagrad, momentum) are affected; memory grows with the
+            clients seen.
         eval_interval: evaluate the global model on the test split every this many rounds
             (and after the last round).
     """
@@ -48,6 +52,7 @@ class FederatedConfig:
         strategy: Strategy | None = None,
         selector: ClientSelector | None = None,
         local_tables: list[str] | Literal["all"] | None = None,
+        keep_optimizer_state: bool = False,
         eval_interval: int = 10,
     ) -> None:
         for key, value in (("rounds", rounds), ("clients_per_round", clients_per_round),
@@ -67,4 +72,5 @@ class FederatedConfig:
         self.strategy = strategy or FedAvg()
         self.selector = selector or UniformSelector()
         self.local_tables = local_tables or []
+        self.keep_optimizer_state = keep_optimizer_state
         self.eval_interval = eval_interval

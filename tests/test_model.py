@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from datamodules.base import FeatureSpec
@@ -26,6 +29,18 @@ def test_model_returns_raw_logits_without_sigmoid():
     logits = module(torch.randn(3, 1), torch.tensor([[1, 2], [3, 4], [5, 6]]))
     assert logits.shape == (3,)
     assert torch.allclose(logits, torch.full((3,), 5.0))  # a sigmoid would give 0.9933
+
+
+def test_output_bias_starts_at_the_logit_of_the_click_rate():
+    torch.manual_seed(0)
+    spec = FeatureSpec(["user", "item"], [10, 20], ["price"], label_mean=0.2)
+    module = CTRModule(embedding_dim=4, dense_hidden=[8], over_hidden=[8], features=spec,
+                       prior_bias=True)
+    assert module.model.over_arch.model[-1].bias.item() == pytest.approx(math.log(0.2 / 0.8))
+    default = CTRModule(embedding_dim=4, dense_hidden=[8], over_hidden=[8], features=spec)
+    assert abs(default.model.over_arch.model[-1].bias.item() - math.log(0.2 / 0.8)) > 1
+    with pytest.raises(ValueError, match="label_mean"):
+        FeatureSpec(["user"], [10], label_mean=1.0)
 
 
 def test_kjt_holds_each_feature_ids_in_key_major_order():

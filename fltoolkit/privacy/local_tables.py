@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fltoolkit.updates import SparseRows
+from fltoolkit.updates import SparseRows, find_sorted
 
 
 class LocalTableStore:
@@ -34,21 +34,13 @@ class LocalTableStore:
         values = self.initial[table].detach()[ids]
         stored = self.rows[table].get(client)
         if stored is not None:
-            position, hit = _find(stored.ids, ids)
-            values[hit] = stored.values[position[hit]]
+            stored.copy_into(ids, values)
         return values
 
     def save(self, table: str, client: int, ids: Tensor, values: Tensor) -> None:
         """Keep the client's new values of rows `ids`; its other stored rows stay."""
-        stored = self.rows[table].get(client)
-        ids, values = ids.clone(), values.detach().clone()
-        if stored is not None:
-            keep = ~torch.isin(stored.ids, ids)
-            ids = torch.cat([stored.ids[keep], ids])
-            values = torch.cat([stored.values[keep], values])
-            ids, order = torch.sort(ids)
-            values = values[order]
-        self.rows[table][client] = SparseRows(ids, values)
+        stored = self.rows[table].get(client) or SparseRows(ids[:0], values[:0])
+        self.rows[table][client] = stored.merged(ids, values)
 
     def evaluation_weight(self, table: str, clients: Tensor, ids: Tensor
                           ) -> tuple[Tensor, Tensor]:
@@ -65,17 +57,10 @@ class LocalTableStore:
         keys = torch.cat([c * vocab + rows.ids for c, rows in sorted(stored.items())])
         values = torch.cat([rows.values for _, rows in sorted(stored.items())])
         wanted = torch.where(clients >= 0, clients * vocab + ids, -1)
-        position, hit = _find(keys, wanted)
+        position, hit = find_sorted(keys, wanted)
         remapped = torch.where(hit, vocab + position, ids)
         return torch.cat([weight, values]), remapped
 
     def num_rows(self) -> int:
         return sum(rows.ids.numel() for table in self.rows.values() for rows in table.values())
 
-
-def _find(sorted_keys: Tensor, wanted: Tensor) -> tuple[Tensor, Tensor]:
-    """Positions of `wanted` in `sorted_keys` and whether each was found."""
-    position = torch.searchsorted(sorted_keys, wanted).clamp(max=max(sorted_keys.numel() - 1, 0))
-    hit = sorted_keys[position] == wanted if sorted_keys.numel() else torch.zeros_like(wanted,
-                                                                                          dtype=torch.bool)
-    return position, hit
