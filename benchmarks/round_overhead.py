@@ -19,28 +19,40 @@ import statistics
 import time
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+import yaml
 
 warnings.filterwarnings("ignore")
 
 
+def _default_experiment() -> dict:
+    path = Path(__file__).resolve().parents[1] / "experiments" / "taobao.yaml"
+    return yaml.safe_load(path.read_text())
+
+
 def _setup(rows: int, table_rows: int, clients_per_round: int):
+    """The default experiment's model and local schedule, with every table >= table_rows."""
     from datamodules.taobao import TaobaoDataModule
     from fltoolkit.config import FederatedConfig
     from fltoolkit.loop import FederatedLoop
     from recsys.module import CTRModule
 
+    experiment = _default_experiment()
+    model, federated = experiment["model"]["init_args"], experiment["federated"]
+    dense_lr = model["dense_optimizer"]["init_args"]["lr"]
+    sparse_lr = model["sparse_optimizer"]["init_args"]["lr"]
     dm = TaobaoDataModule(num_rows=rows, seed=0)
     dm.setup()
     spec = dm.feature_spec
     spec = replace(spec, cardinalities=[max(c, table_rows) for c in spec.cardinalities])
     torch.manual_seed(0)
-    # the default experiment's model and local schedule (experiments/taobao.yaml)
-    module = CTRModule(features=spec, dense_optimizer=lambda p: torch.optim.SGD(p, lr=0.3),
-                       sparse_optimizer=lambda p: torch.optim.SGD(p, lr=3.0))
-    config = FederatedConfig(clients_per_round=clients_per_round, rounds=1, batch_size=32,
-                             local_epochs=3)
+    module = CTRModule(features=spec, dense_optimizer=lambda p: torch.optim.SGD(p, lr=dense_lr),
+                       sparse_optimizer=lambda p: torch.optim.SGD(p, lr=sparse_lr))
+    config = FederatedConfig(clients_per_round=clients_per_round, rounds=1,
+                             batch_size=federated["batch_size"],
+                             local_epochs=federated["local_epochs"])
     return dm, module, FederatedLoop(module, dm.data, config, seed=0)
 
 

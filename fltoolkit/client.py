@@ -7,8 +7,8 @@ buffer; the dense parameters are views of one flat working vector, reset from th
 vector before each client. Clients therefore never see each other's rows, the global tables
 are never written, a client's cost follows its data and not the tables' size, and every
 delta is one subtraction. Training goes through the module's own `training_step` and
-`configure_optimizers` (called per client, so local optimizer state starts fresh unless a
-ClientOptimizerStates store carries it over).
+`configure_optimizers` (called once per round; each client's local optimizer state starts
+fresh unless a ClientOptimizerStates store carries it over).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from datamodules.clients import Batch, ClientTable
 from fltoolkit.model_parts import ModelParts
-from fltoolkit.optimizer_state import ClientOptimizerStates
+from fltoolkit.optimizer_state import ClientOptimizerStates, RoundOptimizers, as_optimizer_list
 from fltoolkit.privacy.local_tables import LocalTableStore
 from fltoolkit.updates import ClientUpdate, SparseRows
 
@@ -64,22 +64,24 @@ class Cohort:
         clients: the clients, in training order.
         dense, label: [R, D] and [R] the rows of every local batch, client after client.
         sparse: [R, F] their ids, remapped to positions in the compact buffers.
+        num_samples: per client, its training rows (its FedAvg weight).
         steps: per client, the slices of those rows that make its local batches.
         row_ids: table -> [U] global row id of each compact buffer row.
-        segments: table -> [C + 1]; client c owns compact rows segments[c]:segments[c + 1].
+        segments: table -> C + 1 bounds; client c owns compact rows segments[c]:segments[c + 1].
     """
 
     clients: list[int]
+    num_samples: list[int]
     dense: Tensor
     sparse: Tensor
     label: Tensor
     steps: list[list[slice]]
     row_ids: dict[str, Tensor]
-    segments: dict[str, Tensor]
+    segments: dict[str, list[int]]
 
     def rows(self, table: str, slot: int) -> slice:
         bounds = self.segments[table]
-        return slice(int(bounds[slot]), int(bounds[slot + 1]))
+        return slice(bounds[slot], bounds[slot + 1])
 
 
 class CohortTrainer:
@@ -121,9 +123,13 @@ class CohortTrainer:
             for name, part in self.parts.tables.items():
                 part.weight.data = work[name]
             vector_to_parameters(work_dense, self.parts.dense)  # parameters become views
+            optimizers = RoundOptimizers(
+                as_optimizer_list(self.module.configure_optimizers()),
+                [part.weight for part in self.parts.tables.values()])
+            self.module.train()
             for slot in range(len(clients)):
                 work_dense.copy_(global_dense)
-                losses.append(self._train_client(cohort, slot, global_dense, start))
+                losses.append(self._train_client(cohort, slot, optimizers, global_dense, start))
                 torch.sub(work_dense, global_dense, out=dense_deltas[slot])
         finally:
             for name, part in self.parts.tables.items():
@@ -137,9 +143,10 @@ class CohortTrainer:
         One `torch.unique` per table over (client slot, row id) keys gives, sorted by slot,
         every client's distinct rows and, through the inverse, the remapped ids of its batches.
         """
-        positions, steps, counts, offset = [], [], [], 0
+        positions, steps, counts, num_samples, offset = [], [], [], [], 0
         for client, seed in zip(clients, seeds, strict=True):
             rows = self.data.client_rows(client)
+            num_samples.append(rows.stop - rows.start)
             generator = torch.Generator().manual_seed(seed)
             batches = self.schedule.batches(rows.stop - rows.start, generator)
             positions += [rows.start + batch for batch in batches]
@@ -159,9 +166,10 @@ class CohortTrainer:
             unique, inverse = torch.unique(keys, return_inverse=True)
             remapped[:, part.columns] = inverse
             row_ids[name] = unique % vocab
-            segments[name] = torch.searchsorted(unique, torch.arange(len(clients) + 1) * vocab)
-        return Cohort(list(clients), self.data.dense[order], remapped, self.data.label[order],
-                      steps, row_ids, segments)
+            segments[name] = torch.searchsorted(
+                unique, torch.arange(len(clients) + 1) * vocab).tolist()
+        return Cohort(list(clients), num_samples, self.data.dense[order], remapped,
+                      self.data.label[order], steps, row_ids, segments)
 
     def _start_rows(self, table: str, cohort: Cohort) -> Tensor:
         """The compact buffer's initial values: global rows, or a local table's client rows."""
@@ -173,17 +181,17 @@ class CohortTrainer:
             self.local_tables.client_rows(table, client, ids[cohort.rows(table, slot)])
             for slot, client in enumerate(cohort.clients)])
 
-    def _train_client(self, cohort: Cohort, slot: int, global_dense: Tensor,
-                      start: dict[str, Tensor]) -> float:
+    def _train_client(self, cohort: Cohort, slot: int, round_optimizers: RoundOptimizers,
+                      global_dense: Tensor, start: dict[str, Tensor]) -> float:
         """Local steps of one client on its segment; returns its mean training loss."""
-        optimizers = _as_list(self.module.configure_optimizers())
+        round_optimizers.reset()
+        optimizers = round_optimizers.optimizers
         client = cohort.clients[slot]
         if self.optimizer_states is not None:
             segments = {part.weight: (cohort.row_ids[name][cohort.rows(name, slot)],
                                       cohort.rows(name, slot))
                         for name, part in self.parts.tables.items()}
             self.optimizer_states.load(client, optimizers, segments)
-        self.module.train()
         losses = []
         for step, rows in enumerate(cohort.steps[slot]):
             batch = Batch(cohort.dense[rows], cohort.sparse[rows], cohort.label[rows])
@@ -237,18 +245,8 @@ class CohortTrainer:
                     continue
                 tables[name] = SparseRows(ids, delta[rows])
                 download += tables[name].num_bytes()
-            num_rows = self.data.client_rows(client)
             updates.append(ClientUpdate(
-                client=client, num_samples=num_rows.stop - num_rows.start, loss=losses[slot],
+                client=client, num_samples=cohort.num_samples[slot], loss=losses[slot],
                 dense=dense_deltas[slot], tables=tables, download_bytes=download))
         return updates
 
-
-def _as_list(optimizers: object) -> list[torch.optim.Optimizer]:
-    """configure_optimizers may return one optimizer, a list, or Lightning's dict form."""
-    if isinstance(optimizers, dict):
-        optimizers = optimizers["optimizer"]
-    if isinstance(optimizers, (list, tuple)):
-        return [o["optimizer"] if isinstance(o, dict) else o for o in optimizers]
-    inner = getattr(optimizers, "optimizers", None)
-    return list(inner) if inner else [optimizers]

@@ -44,8 +44,8 @@ class FederatedConfig:
     def __init__(
         self,
         enabled: bool = True,
-        rounds: int = 100,
-        clients_per_round: int = 100,
+        rounds: int = 1000,
+        clients_per_round: int = 20,
         batch_size: int = 32,
         local_epochs: int | None = 1,
         local_steps: int | None = None,
@@ -53,7 +53,7 @@ class FederatedConfig:
         selector: ClientSelector | None = None,
         local_tables: list[str] | Literal["all"] | None = None,
         keep_optimizer_state: bool = False,
-        eval_interval: int = 10,
+        eval_interval: int = 100,
     ) -> None:
         for key, value in (("rounds", rounds), ("clients_per_round", clients_per_round),
                            ("batch_size", batch_size), ("eval_interval", eval_interval)):

@@ -24,12 +24,12 @@ def _fit(tmp_path: Path, *extra: str) -> int:
 def test_centralized_fit_writes_config_metrics_and_summary(tmp_path, capsys):
     run = tmp_path / "run"
     assert _fit(tmp_path, "--run_dir", str(run), "--federated.enabled", "false",
-                "--trainer.max_epochs", "2") == 0
+                "--trainer.max_epochs", "3") == 0
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["data"]["init_args"]["num_rows"] == 10000 and config["seed"] == 0
     with (run / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [r["round"] for r in rows] == ["1", "2"]
+    assert [r["round"] for r in rows] == ["1", "2", "3"]
     assert list(rows[0])[:7] == ["round", "wall_time_s", "auc", "logloss", "ne", "gauc",
                                  "calibration"]
     summary = json.loads((run / "summary.json").read_text())

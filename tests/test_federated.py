@@ -62,9 +62,14 @@ def test_client_training_leaves_the_global_model_unchanged(synthetic_data):
         assert torch.equal(rows.values, again.tables[name].values)
 
 
-def test_a_cohort_trains_each_client_as_if_it_were_alone(synthetic_data):
-    """Clients share one compact buffer per table in a round; none may see another's rows."""
+@pytest.mark.parametrize("stateful", [False, True])
+def test_a_cohort_trains_each_client_as_if_it_were_alone(synthetic_data, stateful):
+    """Clients share one compact buffer per table and one optimizer per round; none may see
+    another's rows or optimizer state (Adam's lazy moments, Adagrad's eager sums)."""
     module = _module(synthetic_data)
+    if stateful:
+        module.dense_optimizer = lambda p: torch.optim.Adam(p, lr=1e-2)
+        module.sparse_optimizer = lambda p: torch.optim.Adagrad(p, lr=0.1)
     trainer = _trainer(synthetic_data, module)
     clients, seeds = [7, 2, 9], [1, 2, 3]
     together = trainer.train_round(clients, seeds)
