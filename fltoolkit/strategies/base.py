@@ -44,9 +44,14 @@ class RowAverage:
 
 
 def weighted_dense_mean(updates: list[ClientUpdate], weights: Tensor) -> Tensor:
-    """sum_k w_k * delta_k / sum_k w_k over the dense deltas."""
-    stacked = torch.stack([u.dense for u in updates])
-    return (weights[:, None] * stacked).sum(0) / weights.sum()
+    """sum_k w_k * delta_k / sum_k w_k over the dense deltas.
+
+    Accumulated in place: stacking 1000 clients' deltas would double the round's memory.
+    """
+    total = torch.zeros_like(updates[0].dense)
+    for update, weight in zip(updates, weights.tolist(), strict=True):
+        total.add_(update.dense, alpha=weight)
+    return total / weights.sum()
 
 
 def weighted_row_mean(updates: list[ClientUpdate], weights: Tensor, table: str,
