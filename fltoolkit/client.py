@@ -89,7 +89,8 @@ class CohortTrainer:
 
     Args:
         module: the global LightningModule; its `training_step` gives the loss and its
-            `configure_optimizers` the local optimizer (built anew for every client).
+            `configure_optimizers` the local optimizer (built once per round, its state reset
+            for every client).
         parts: the module's dense parameters and tables (see `model_parts.split_parameters`).
         data: the training ClientTable.
         schedule: local batch size and steps.
@@ -158,7 +159,7 @@ class CohortTrainer:
         order = torch.cat(positions)
         slot = torch.repeat_interleave(torch.arange(len(clients)), torch.tensor(counts))
         ids = self.data.sparse[order]
-        remapped = torch.empty_like(ids)
+        remapped = ids.clone()  # columns that feed no table keep their ids
         row_ids, segments = {}, {}
         for name, part in self.parts.tables.items():
             vocab = part.weight.shape[0]
