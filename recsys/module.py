@@ -41,7 +41,7 @@ class CTRModule(L.LightningModule):
         prior_bias: start the output bias at the logit of the training click rate (from the
             feature spec) instead of 0. It helps adaptive server optimizers (FedAdam, FedYogi),
             whose steps are about `eta` per round, too small to move a bias quickly to -3
-            (default FL schedule, FedAdam: AUC 0.771 with, 0.753 without). With plain SGD it
+            (default FL schedule, FedAdam: AUC 0.770 with, 0.753 without). With plain SGD it
             slowed the start (10k rows, 2 epochs: AUC 0.51 instead of above 0.6).
         features: the feature spec; usually unset and taken from the datamodule at fit time.
     """
