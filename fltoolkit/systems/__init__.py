@@ -1,0 +1,1 @@
+"""System heterogeneity: device populations (speed, bandwidth, availability) and the clock."""

@@ -1,0 +1,98 @@
+"""Device populations and the simulated clock, checked on hand-made cases."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from fltoolkit.systems.clock import client_seconds
+from fltoolkit.systems.devices import (
+    DeviceError,
+    DevicePopulation,
+    generate_devices,
+    load_devices,
+    load_fedscale,
+    merge_intervals,
+    save_devices,
+)
+
+
+def _population() -> DevicePopulation:
+    # client 0: online [0, 100) and [200, 300); client 1: [50, 60); period 400 s
+    availability = merge_intervals(np.array([0, 0, 1, 0]), np.array([0.0, 200.0, 50.0, 20.0]),
+                                   np.array([100.0, 300.0, 60.0, 90.0]), 2, period_s=400.0)
+    return DevicePopulation(np.array([10.0, 100.0]), np.array([1000.0, 8.0]),
+                            np.array([500.0, 4.0]), availability)
+
+
+def test_clock_adds_download_compute_and_upload():
+    # client 0: 125000 B down at 1000 kbit/s = 1 s; 30 samples x 10 ms = 0.3 s;
+    #           62500 B up at 500 kbit/s = 1 s  -> 2.3 s
+    # client 1: 1000 B at 8 kbit/s = 1 s; 2 x 100 ms = 0.2 s; 500 B at 4 kbit/s = 1 s -> 2.2 s
+    seconds = client_seconds(_population(), np.array([0, 1]), np.array([125_000, 1_000]),
+                             np.array([30, 2]), np.array([62_500, 500]))
+    np.testing.assert_allclose(seconds, [2.3, 2.2])
+
+
+def test_clients_beyond_the_population_reuse_devices_cyclically():
+    np.testing.assert_allclose(client_seconds(_population(), np.array([3]), np.array([0]),
+                                              np.array([1]), np.array([0])), [0.1])
+
+
+def test_overlapping_intervals_merge_and_a_session_must_cover_the_whole_round():
+    availability = _population().availability
+    assert availability.offsets.tolist() == [0, 2, 3]
+    assert availability.start_s.tolist() == [0.0, 200.0, 50.0]
+    assert availability.end_s.tolist() == [100.0, 300.0, 60.0]
+    clients = np.array([0, 0, 0, 1, 1, 0])
+    begin = np.array([10.0, 90.0, 250.0, 50.0, 55.0, 610.0])  # 610 s = 210 s of the 2nd period
+    end = begin + np.array([50.0, 20.0, 50.0, 10.0, 10.0, 80.0])
+    # [90, 110) leaves the session at 100; [55, 65) ends after client 1 goes offline at 60
+    assert availability.online_throughout(clients, begin, end).tolist() == [
+        True, False, True, True, False, True]
+
+
+def test_generated_population_is_seeded_and_heavy_tailed():
+    first, again = generate_devices(2000, seed=3), generate_devices(2000, seed=3)
+    np.testing.assert_array_equal(first.compute_ms_per_sample, again.compute_ms_per_sample)
+    p5, p95 = np.percentile(first.compute_ms_per_sample, [5, 95])
+    assert p95 / p5 > 10
+    online = first.availability.online_throughout(np.arange(2000), np.full(2000, 43_200.0),
+                                                  np.full(2000, 43_260.0))
+    assert 0.02 < online.mean() < 0.9  # some, not all, clients online at noon
+
+
+def test_our_parquet_format_round_trips(tmp_path):
+    population = _population()
+    save_devices(population, tmp_path / "devices.parquet")
+    loaded = load_devices(tmp_path / "devices.parquet")
+    np.testing.assert_array_equal(loaded.down_kbps, population.down_kbps)
+    assert loaded.availability.period_s == 400.0
+    np.testing.assert_array_equal(loaded.availability.end_s, population.availability.end_s)
+    with pytest.raises(DeviceError, match="missing.parquet: file not found"):
+        load_devices(tmp_path / "missing.parquet")
+
+
+def test_fedscale_pickles_load_only_when_allowed(tmp_path):
+    capacity = {7: {"computation": 20.0, "communication": 800.0},
+                3: {"computation": 5.0, "communication": 100.0}}
+    behave = {7: {"active": [0, 500], "inactive": [100, 600], "finish_time": 1000},
+              3: {"active": [50], "inactive": [70], "finish_time": 1000}}
+    (tmp_path / "capacity").write_bytes(pickle.dumps(capacity))
+    (tmp_path / "behave").write_bytes(pickle.dumps(behave))
+    with pytest.raises(DeviceError, match="allow_pickle"):
+        load_fedscale(tmp_path / "capacity", tmp_path / "behave")
+    population = load_fedscale(tmp_path / "capacity", tmp_path / "behave", allow_pickle=True)
+    assert population.compute_ms_per_sample.tolist() == [5.0, 20.0]  # sorted by client id
+    assert population.up_kbps.tolist() == population.down_kbps.tolist() == [100.0, 800.0]
+    assert population.availability.period_s == 1000.0
+    assert population.availability.online_throughout(
+        np.array([1, 1, 0]), np.array([510.0, 1510.0, 60.0]),
+        np.array([590.0, 1590.0, 80.0])).tolist() == [True, True, False]
+
+
+def test_bad_device_values_are_rejected():
+    with pytest.raises(DeviceError, match="down_kbps must be finite and > 0"):
+        DevicePopulation(np.ones(2), np.array([1.0, 0.0]), np.ones(2))
