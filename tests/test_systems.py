@@ -17,6 +17,7 @@ from fltoolkit.systems.devices import (
     merge_intervals,
     save_devices,
 )
+from fltoolkit.systems.policy import RoundPolicy
 
 
 def _population() -> DevicePopulation:
@@ -96,3 +97,25 @@ def test_fedscale_pickles_load_only_when_allowed(tmp_path):
 def test_bad_device_values_are_rejected():
     with pytest.raises(DeviceError, match="down_kbps must be finite and > 0"):
         DevicePopulation(np.ones(2), np.array([1.0, 0.0]), np.ones(2))
+
+
+def test_over_commitment_keeps_exactly_the_k_fastest():
+    policy = RoundPolicy(over_commit=1.5)
+    assert policy.num_selected(4) == 6
+    seconds = np.array([5.0, 1.0, 9.0, 3.0, 2.0, 7.0])
+    outcome = policy.admit(seconds, np.ones(6, dtype=bool), wanted=4)
+    assert outcome.kept.tolist() == [0, 1, 3, 4]  # 1, 2, 3 and 5 s; positions in selection order
+    assert outcome.stragglers.tolist() == [2, 5]
+    assert outcome.duration_s == 5.0 and not outcome.skipped
+
+
+def test_offline_and_late_clients_are_dropped_and_too_few_updates_skip_the_round():
+    seconds = np.array([1.0, 2.0, 30.0, 4.0])
+    online = np.array([True, False, True, True])
+    outcome = RoundPolicy(deadline_s=10.0).admit(seconds, online, wanted=4)
+    assert outcome.kept.tolist() == [0, 3] and outcome.duration_s == 4.0
+    assert outcome.offline.tolist() == [1] and outcome.late.tolist() == [2]
+    skipped = RoundPolicy(deadline_s=10.0, min_updates=3).admit(seconds, online, wanted=4)
+    assert skipped.skipped and skipped.kept.size == 0 and skipped.duration_s == 10.0
+    with pytest.raises(ValueError, match="over_commit must be >= 1"):
+        RoundPolicy(over_commit=0.5)
