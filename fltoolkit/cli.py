@@ -20,6 +20,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from datamodules.base import CTRDataModule, DataError
 from fltoolkit.config import ConfigError, FederatedConfig
 from fltoolkit.reports.run_dir import RunDirectoryError
+from fltoolkit.systems.config import SystemsConfig
+from fltoolkit.systems.devices import DeviceError
 from recsys.module import CTRModule
 
 log = logging.getLogger("fltk")
@@ -79,6 +81,7 @@ class FltkCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(FederatedConfig, "federated")
+        parser.add_class_arguments(SystemsConfig, "systems")
         parser.link_arguments("seed", "data.init_args.seed")
 
     def instantiate_classes(self) -> None:
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as error:
         print(f"fltk {command}: error: {condense_parse_error(str(error))}", file=sys.stderr)
         return 2
-    except (ConfigError, DataError, RunDirectoryError, FloatingPointError) as error:
+    except (ConfigError, DataError, DeviceError, RunDirectoryError, FloatingPointError) as error:
         print(f"fltk {command}: error: {error}", file=sys.stderr)
         return 2
     print(f"fltk: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -26,7 +27,7 @@ from datamodules.clients import Batch, ClientTable
 from fltoolkit.model_parts import ModelParts
 from fltoolkit.optimizer_state import ClientOptimizerStates, RoundOptimizers, as_optimizer_list
 from fltoolkit.privacy.local_tables import LocalTableStore
-from fltoolkit.updates import ClientUpdate, SparseRows
+from fltoolkit.updates import ID_BYTES, ClientUpdate, SparseRows
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,22 @@ class CohortTrainer:
                 unique, torch.arange(len(clients) + 1) * vocab).tolist()
         return Cohort(list(clients), num_samples, self.data.dense[order], remapped,
                       self.data.label[order], steps, row_ids, segments)
+
+    def payloads(self, cohort: Cohort) -> tuple[np.ndarray, np.ndarray]:
+        """(bytes each client downloads = uploads, samples it trains) for the simulated clock.
+
+        Known before training: the dense weights and the touched rows of every table that is
+        not local, exactly what `ClientUpdate.download_bytes` and `upload_bytes()` count.
+        """
+        moved = np.full(len(cohort.clients), self.dense_bytes, dtype=np.int64)
+        for name, part in self.parts.tables.items():
+            if self.local_tables is not None and name in self.local_tables:
+                continue
+            row_bytes = ID_BYTES + part.weight.shape[1] * part.weight.element_size()
+            moved += np.diff(cohort.segments[name]) * row_bytes
+        samples = np.array([sum(rows.stop - rows.start for rows in steps)
+                            for steps in cohort.steps])
+        return moved, samples
 
     def _start_rows(self, table: str, cohort: Cohort) -> Tensor:
         """The compact buffer's initial values: global rows, or a local table's client rows."""

@@ -19,7 +19,7 @@ SUMMARY_INFO_KEYS = ("num_train", "num_test", "num_clients", "dropped_clients",
                      "baseline_auc", "oracle_auc")
 METRIC_KEYS = ("auc", "logloss", "ne", "gauc", "calibration")
 FEDERATED_KEYS = ("clients_seen", "bytes_up_total", "bytes_down_total", "bytes_up_per_round",
-                  "bytes_down_per_round", "rejected_total")
+                  "bytes_down_per_round", "rejected_total", "sim_time_s")
 
 
 class EvaluationRecorder(L.Callback):
@@ -54,7 +54,8 @@ def run_fit(cli: Any, experiment_name: str) -> Path:
     loop = None
     if federated.enabled:
         loop = FederatedLoop(model, datamodule.data, federated, seed=config.seed,
-                             eval_batch_size=datamodule.eval_batch_size)
+                             eval_batch_size=datamodule.eval_batch_size,
+                             systems=cli.config_init["systems"])
 
     run_dir = RunDirectory(config.run_dir or next_version(Path("runs") / experiment_name))
     run_dir.write_config(cli.parser.dump(config, skip_none=False))

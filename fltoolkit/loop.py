@@ -27,6 +27,8 @@ from fltoolkit.model_parts import split_parameters
 from fltoolkit.optimizer_state import ClientOptimizerStates
 from fltoolkit.privacy.local_tables import LocalTableStore
 from fltoolkit.strategies.base import ServerModel
+from fltoolkit.systems.clock import client_seconds
+from fltoolkit.systems.config import SystemsConfig
 
 log = logging.getLogger("fltk")
 
@@ -43,6 +45,9 @@ class RoundStats:
     rejected: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    dropped: int = 0
+    stragglers: int = 0
+    skipped: int = 0
     losses: list[float] = field(default_factory=list)
 
 
@@ -56,11 +61,14 @@ class FederatedLoop:
         seed: the run's seed (selection and local batch order derive from it).
         eval_batch_size: rows per evaluation batch.
         on_evaluation: called with each evaluation's metrics row (e.g. to write metrics.csv).
+        systems: simulated devices and round policy; None or disabled: every selected client
+            is aggregated and there is no clock.
     """
 
     def __init__(self, module: torch.nn.Module, data: PreparedData, config: FederatedConfig,
                  seed: int, eval_batch_size: int = 65536,
-                 on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_evaluation: Callable[[dict[str, Any]], None] | None = None,
+                 systems: SystemsConfig | None = None) -> None:
         self.module, self.data, self.config, self.seed = module, data, config, seed
         self.eval_batch_size = eval_batch_size
         self.on_evaluation = on_evaluation or (lambda row: None)
@@ -83,6 +91,10 @@ class FederatedLoop:
             proximal_mu=self.strategy.proximal_mu, local_tables=self.local_tables,
             optimizer_states=ClientOptimizerStates() if config.keep_optimizer_state else None)
         self.participation = np.zeros(num_clients, dtype=np.int64)
+        enabled = systems is not None and systems.enabled
+        self.population = systems.population(num_clients, seed) if enabled else None
+        self.policy = systems.policy if enabled else None
+        self.sim_time_s = 0.0
         self.history: list[dict[str, Any]] = []
 
     def _local_table_names(self) -> list[str]:
@@ -117,12 +129,21 @@ class FederatedLoop:
                     bytes_up_per_round=totals.bytes_up // max(totals.rounds, 1),
                     bytes_down_per_round=totals.bytes_down // max(totals.rounds, 1),
                     rejected_total=totals.rejected)
+        if self.population is not None:
+            last.update(sim_time_s=round(self.sim_time_s, 3))
         return last
 
     def run_round(self, round_index: int, stats: RoundStats) -> None:
-        clients = self.selector.select(round_index, self.config.clients_per_round)
+        wanted = self.config.clients_per_round
+        if self.population is None:
+            chosen = self.selector.select(round_index, wanted).tolist()
+        else:
+            chosen = self._admitted(round_index, wanted, stats)
+        if not chosen:
+            stats.rounds += 1
+            return
+        clients = np.array(chosen)
         updates = []
-        chosen = clients.tolist()
         seeds = [self._client_seed(round_index, client) for client in chosen]
         for update in self.trainer.train_round(chosen, seeds):
             stats.bytes_down += update.download_bytes
@@ -145,6 +166,33 @@ class FederatedLoop:
             vector_to_parameters(server.dense, self.parts.dense)
         self.selector.feedback(round_index, updates)
 
+    def _admitted(self, round_index: int, wanted: int, stats: RoundStats) -> list[int]:
+        """Over-commit, simulate each selected client's round time, keep who finishes first.
+
+        Durations are known before training (the plan gives every client's bytes and samples),
+        so stragglers and dropped clients cost no local training.
+        """
+        count = min(self.policy.num_selected(wanted), self.data.train.num_clients)
+        selected = self.selector.select(round_index, count)
+        seeds = [self._client_seed(round_index, client) for client in selected.tolist()]
+        moved, samples = self.trainer.payloads(self.trainer.plan(selected.tolist(), seeds))
+        seconds = client_seconds(self.population, selected, moved, samples, moved)
+        availability = self.population.availability
+        online = (np.ones(len(selected), dtype=bool) if availability is None else
+                  availability.online_throughout(selected, np.full(len(selected), self.sim_time_s),
+                                                 self.sim_time_s + seconds))
+        outcome = self.policy.admit(seconds, online, wanted)
+        self.sim_time_s += outcome.duration_s
+        stats.dropped += len(outcome.offline) + len(outcome.late)
+        stats.stragglers += len(outcome.stragglers)
+        if outcome.skipped:
+            stats.skipped += 1
+            survivors = len(selected) - len(outcome.offline) - len(outcome.late)
+            log.warning("round %d skipped: %d update(s) survived, systems.min_updates=%d",
+                        round_index, survivors, self.policy.min_updates)
+            return []
+        return selected[outcome.kept].tolist()
+
     def _client_seed(self, round_index: int, client: int) -> int:
         """Independent of the order in which a round's clients are trained."""
         return int(np.random.SeedSequence([self.seed, round_index, client]).generate_state(1)[0])
@@ -162,6 +210,9 @@ class FederatedLoop:
             "bytes_down_per_round": stats.bytes_down // max(stats.rounds, 1),
             "rejected": stats.rejected,
         }
+        if self.population is not None:
+            row.update(sim_time_s=round(self.sim_time_s, 3), dropped=stats.dropped,
+                       stragglers=stats.stragglers, skipped_rounds=stats.skipped)
         self.history.append(row)
         self.on_evaluation(row)
         return row

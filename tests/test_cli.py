@@ -87,3 +87,23 @@ def test_federated_fit_selects_the_strategy_by_class_path(tmp_path):
     assert summary["strategy_hyperparameters"]["eta"] == 0.02
     assert summary["local_tables"] == ["user"]
     assert summary["bytes_up_per_round"] > 0 and summary["bytes_down_per_round"] > 0
+
+
+@pytest.mark.slow
+def test_systems_add_a_simulated_clock_to_metrics_and_summary(tmp_path):
+    run = tmp_path / "run"
+    assert _fit(tmp_path, "--run_dir", str(run), "--federated.rounds", "4",
+                "--federated.clients_per_round", "10", "--federated.eval_interval", "2",
+                "--systems.enabled", "true", "--systems.over_commit", "1.5") == 0
+    with (run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert 0 < float(rows[0]["sim_time_s"]) < float(rows[1]["sim_time_s"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["sim_time_s"] == pytest.approx(float(rows[1]["sim_time_s"]))
+
+
+def test_fedscale_pickles_need_the_explicit_flag(tmp_path, capsys):
+    (tmp_path / "capacity").write_bytes(b"not read")
+    assert _fit(tmp_path, "--systems.enabled", "true",
+                "--systems.fedscale_capacity", str(tmp_path / "capacity")) == 2
+    assert "--systems.allow_pickle true" in capsys.readouterr().err

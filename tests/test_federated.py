@@ -4,6 +4,7 @@ learns and is deterministic."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from fltoolkit.config import FederatedConfig
 from fltoolkit.loop import FederatedLoop, RoundStats
 from fltoolkit.model_parts import split_parameters
 from fltoolkit.strategies import FedProx, FedYogi
+from fltoolkit.systems.clock import client_seconds
 from fltoolkit.updates import ClientUpdate, SparseRows
 from recsys.module import CTRModule
 
@@ -126,10 +128,10 @@ def test_fedprox_term_pulls_toward_the_global_weights(synthetic_data):
         assert pulled.tables[name].values.norm() < free.tables[name].values.norm()
 
 
-def _loop(data, seed: int = 0, **kwargs) -> FederatedLoop:
+def _loop(data, seed: int = 0, systems=None, **kwargs) -> FederatedLoop:
     config = FederatedConfig(**{"rounds": 4, "clients_per_round": 20, "eval_interval": 2,
                                 "batch_size": 16, **kwargs})
-    return FederatedLoop(_module(data, seed), data, config, seed=seed)
+    return FederatedLoop(_module(data, seed), data, config, seed=seed, systems=systems)
 
 
 def test_local_tables_never_leave_the_client(synthetic_data):
@@ -207,3 +209,34 @@ def test_clients_per_round_larger_than_population_is_a_config_error(synthetic_da
 def test_sparse_rows_bytes():
     rows = SparseRows(torch.tensor([1, 5]), torch.zeros(2, 4))
     assert rows.num_bytes() == 2 * 8 + 2 * 4 * 4
+
+
+def test_payloads_known_before_training_match_the_updates(synthetic_data):
+    loop = _loop(synthetic_data, local_tables=["user"])
+    clients, seeds = [3, 8, 1], [5, 6, 7]
+    moved, samples = loop.trainer.payloads(loop.trainer.plan(clients, seeds))
+    updates = loop.trainer.train_round(clients, seeds)
+    assert moved.tolist() == [u.upload_bytes() for u in updates]
+    assert moved.tolist() == [u.download_bytes for u in updates]
+    assert samples.tolist() == [u.num_samples for u in updates]  # one local epoch
+
+
+def test_systems_over_commit_trains_only_the_fastest_and_advances_the_clock(synthetic_data):
+    from fltoolkit.systems.config import SystemsConfig
+
+    systems = SystemsConfig(enabled=True, availability=False, over_commit=2.0)
+    loop = _loop(synthetic_data, rounds=1, local_epochs=1, systems=systems)
+    trained = []
+    train_round = loop.trainer.train_round
+    loop.trainer.train_round = lambda c, s: (trained.extend(c), train_round(c, s))[1]
+    stats = RoundStats()
+    loop.run_round(1, stats)
+    assert len(trained) == 20 and stats.stragglers == 20 and stats.dropped == 0
+    # the kept clients are the 20 fastest of the 40 selected, by the clock's own arithmetic
+    again = _loop(synthetic_data, rounds=1, local_epochs=1, systems=systems)
+    selected = again.selector.select(1, 40)
+    seeds = [again._client_seed(1, c) for c in selected.tolist()]
+    moved, samples = again.trainer.payloads(again.trainer.plan(selected.tolist(), seeds))
+    seconds = client_seconds(again.population, selected, moved, samples, moved)
+    assert sorted(trained) == sorted(selected[np.argsort(seconds)[:20]].tolist())
+    assert loop.sim_time_s == pytest.approx(np.sort(seconds)[19])
