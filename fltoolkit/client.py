@@ -120,7 +120,7 @@ class CohortTrainer:
         work = {name: rows.clone() for name, rows in start.items()}
         work_dense = global_dense.clone()
         dense_deltas = torch.empty(len(clients), global_dense.numel())
-        losses = []
+        losses, squares = [], []
         try:
             for name, part in self.parts.tables.items():
                 part.weight.data = work[name]
@@ -131,13 +131,15 @@ class CohortTrainer:
             self.module.train()
             for slot in range(len(clients)):
                 work_dense.copy_(global_dense)
-                losses.append(self._train_client(cohort, slot, optimizers, global_dense, start))
+                loss, square = self._train_client(cohort, slot, optimizers, global_dense, start)
+                losses.append(loss)
+                squares.append(square)
                 torch.sub(work_dense, global_dense, out=dense_deltas[slot])
         finally:
             for name, part in self.parts.tables.items():
                 part.weight.data = global_tables[name]
             vector_to_parameters(global_dense, self.parts.dense)
-        return self._updates(cohort, start, work, dense_deltas, losses)
+        return self._updates(cohort, start, work, dense_deltas, losses, squares)
 
     def plan(self, clients: Sequence[int], seeds: Sequence[int]) -> Cohort:
         """Each client's local batches and the compact layout of the rows they touch.
@@ -200,8 +202,9 @@ class CohortTrainer:
             for slot, client in enumerate(cohort.clients)])
 
     def _train_client(self, cohort: Cohort, slot: int, round_optimizers: RoundOptimizers,
-                      global_dense: Tensor, start: dict[str, Tensor]) -> float:
-        """Local steps of one client on its segment; returns its mean training loss."""
+                      global_dense: Tensor, start: dict[str, Tensor]) -> tuple[float, float]:
+        """Local steps of one client on its segment: (mean training loss, sum of its samples'
+        squared losses)."""
         round_optimizers.reset()
         optimizers = round_optimizers.optimizers
         client = cohort.clients[slot]
@@ -210,21 +213,23 @@ class CohortTrainer:
                                       cohort.rows(name, slot))
                         for name, part in self.parts.tables.items()}
             self.optimizer_states.load(client, optimizers, segments)
-        losses = []
+        losses, squares = [], []
         for step, rows in enumerate(cohort.steps[slot]):
             batch = Batch(cohort.dense[rows], cohort.sparse[rows], cohort.label[rows])
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
-            loss = self.module.training_step(batch, step)
+            loss, sample_losses = _loss_and_samples(self.module.training_step(batch, step),
+                                                    len(batch))
             loss.backward()
             if self.proximal_mu:
                 self._add_proximal_gradient(cohort, slot, global_dense, start)
             for optimizer in optimizers:
                 optimizer.step()
             losses.append(loss.detach())
+            squares.append(sample_losses.square().sum())
         if self.optimizer_states is not None:
             self.optimizer_states.save(client, optimizers, segments)
-        return float(torch.stack(losses).mean())
+        return float(torch.stack(losses).mean()), float(torch.stack(squares).sum())
 
     def _add_proximal_gradient(self, cohort: Cohort, slot: int, global_dense: Tensor,
                                start: dict[str, Tensor]) -> None:
@@ -249,7 +254,8 @@ class CohortTrainer:
             weight.grad = sparse if weight.grad is None else weight.grad + sparse
 
     def _updates(self, cohort: Cohort, start: dict[str, Tensor], work: dict[str, Tensor],
-                 dense_deltas: Tensor, losses: list[float]) -> list[ClientUpdate]:
+                 dense_deltas: Tensor, losses: list[float], squares: list[float]
+                 ) -> list[ClientUpdate]:
         """Split the round's deltas per client; local tables' rows go to their store."""
         deltas = {name: work[name] - start[name] for name in work}
         updates = []
@@ -265,6 +271,23 @@ class CohortTrainer:
                 download += tables[name].num_bytes()
             updates.append(ClientUpdate(
                 client=client, num_samples=cohort.num_samples[slot], loss=losses[slot],
-                dense=dense_deltas[slot], tables=tables, download_bytes=download))
+                dense=dense_deltas[slot], tables=tables, download_bytes=download,
+                samples_trained=sum(rows.stop - rows.start for rows in cohort.steps[slot]),
+                loss_squared_sum=squares[slot]))
         return updates
+
+
+def _loss_and_samples(output: Tensor | dict[str, Tensor], batch_size: int
+                      ) -> tuple[Tensor, Tensor]:
+    """training_step may return the loss or Lightning's dict form with "loss". Per-sample
+    losses come from its "sample_losses" if present; otherwise every row is taken to have the
+    batch's mean loss (an approximation of Oort's utility)."""
+    if isinstance(output, dict):
+        loss = output["loss"]
+        samples = output.get("sample_losses")
+    else:
+        loss, samples = output, None
+    if samples is None:
+        samples = loss.detach().expand(batch_size)
+    return loss, samples
 

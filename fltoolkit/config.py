@@ -30,8 +30,8 @@ class FederatedConfig:
         local_steps: mini-batches per client per round (used when local_epochs is unset).
         strategy: the server aggregation, by class_path: fltoolkit.strategies.FedAvg (default),
             FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad, QFedAvg.
-        selector: the client selector, by class_path (default
-            fltoolkit.selection.UniformSelector).
+        selector: the client selector, by class_path: fltoolkit.selection.UniformSelector
+            (default) or fltoolkit.selection.Oort.
         local_tables: tables kept on the clients and never uploaded (e.g. [user]), or `all`.
         keep_optimizer_state: keep each client's local optimizer state (dense, and the table
             rows it touched) between its rounds; false starts it fresh every round. Only

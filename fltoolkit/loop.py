@@ -135,10 +135,11 @@ class FederatedLoop:
 
     def run_round(self, round_index: int, stats: RoundStats) -> None:
         wanted = self.config.clients_per_round
+        durations = None
         if self.population is None:
             chosen = self.selector.select(round_index, wanted).tolist()
         else:
-            chosen = self._admitted(round_index, wanted, stats)
+            chosen, durations = self._admitted(round_index, wanted, stats)
         if not chosen:
             stats.rounds += 1
             return
@@ -164,10 +165,12 @@ class FederatedLoop:
                                  self.server_tables)
             self.strategy.aggregate(updates, server)
             vector_to_parameters(server.dense, self.parts.dense)
-        self.selector.feedback(round_index, updates)
+        self.selector.feedback(round_index, updates, durations)
 
-    def _admitted(self, round_index: int, wanted: int, stats: RoundStats) -> list[int]:
-        """Over-commit, simulate each selected client's round time, keep who finishes first.
+    def _admitted(self, round_index: int, wanted: int, stats: RoundStats
+                  ) -> tuple[list[int], dict[int, float]]:
+        """Over-commit, simulate each selected client's round time, keep who finishes first;
+        returns the kept clients and their simulated seconds.
 
         Durations are known before training (the plan gives every client's bytes and samples),
         so stragglers and dropped clients cost no local training.
@@ -190,8 +193,9 @@ class FederatedLoop:
             survivors = len(selected) - len(outcome.offline) - len(outcome.late)
             log.warning("round %d skipped: %d update(s) survived, systems.min_updates=%d",
                         round_index, survivors, self.policy.min_updates)
-            return []
-        return selected[outcome.kept].tolist()
+            return [], {}
+        kept = selected[outcome.kept].tolist()
+        return kept, dict(zip(kept, seconds[outcome.kept].tolist(), strict=True))
 
     def _client_seed(self, round_index: int, client: int) -> int:
         """Independent of the order in which a round's clients are trained."""

@@ -61,6 +61,8 @@ class ClientUpdate:
         dense: flat float32 delta of every dense (non-table) parameter, in `named_parameters` order.
         tables: table name -> touched rows and their deltas; local tables never appear here.
         download_bytes: what the client had to receive to train (dense weights and its rows).
+        samples_trained: rows trained on, counted once per local step (epochs x rows).
+        loss_squared_sum: sum over those samples of their squared loss (Oort's utility).
     """
 
     client: int
@@ -69,6 +71,8 @@ class ClientUpdate:
     dense: Tensor
     tables: dict[str, SparseRows] = field(default_factory=dict)
     download_bytes: int = 0
+    samples_trained: int = 0
+    loss_squared_sum: float = 0.0
 
     def upload_bytes(self) -> int:
         dense = self.dense.numel() * self.dense.element_size()

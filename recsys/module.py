@@ -124,13 +124,21 @@ class CTRModule(L.LightningModule):
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(logits, labels)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
+        """The loss to minimize, and each row's log loss (detached).
+
+        Lightning only needs "loss"; "sample_losses" lets a federated selector such as Oort
+        measure a client's statistical utility over every sample it trained on.
+        """
         logits, embedded = self.logits_and_embeddings(batch.dense, batch.sparse)
         loss = self.loss(logits, batch.label)
+        with torch.no_grad():
+            sample_losses = F.binary_cross_entropy_with_logits(logits, batch.label,
+                                                               reduction="none")
         if self.embedding_l2:
             loss = loss + self.embedding_l2 * embedded.square().sum(dim=(1, 2)).mean()
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch))
-        return loss
+        return {"loss": loss, "sample_losses": sample_losses}
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         logits = self(batch.dense, batch.sparse)

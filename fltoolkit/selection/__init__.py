@@ -1,6 +1,7 @@
-"""Client selectors, chosen by class_path (fltoolkit.selection.UniformSelector, ...)."""
+"""Client selectors, chosen by class_path (fltoolkit.selection.UniformSelector, Oort)."""
 
 from fltoolkit.selection.base import ClientSelector
+from fltoolkit.selection.oort import Oort
 from fltoolkit.selection.uniform import UniformSelector
 
-__all__ = ["ClientSelector", "UniformSelector"]
+__all__ = ["ClientSelector", "Oort", "UniformSelector"]

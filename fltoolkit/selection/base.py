@@ -21,8 +21,10 @@ class ClientSelector(ABC):
     def select(self, round_index: int, k: int) -> np.ndarray:
         """[k] distinct client positions (0..num_clients-1)."""
 
-    def feedback(self, round_index: int, updates: list[ClientUpdate]) -> None:
-        """What the round's clients reported (loss, samples); ignored by default."""
+    def feedback(self, round_index: int, updates: list[ClientUpdate],
+                 durations: dict[int, float] | None = None) -> None:
+        """What the round's aggregated clients reported (loss, samples) and, with simulated
+        devices, how long each took (simulated seconds); ignored by default."""
         return
 
     def state_dict(self) -> dict:

@@ -1,0 +1,149 @@
+"""Oort: Lai et al., OSDI 2021, "Oort: Efficient Federated Learning via Guided Participant
+Selection".
+
+A client's utility is statistical (how much its data still teaches the model) times a system
+penalty (how long it makes the round). Each round part of the cohort explores clients never
+selected (a share that decays), the rest exploits the best-scoring explored clients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fltoolkit.selection.base import ClientSelector
+from fltoolkit.updates import ClientUpdate
+
+
+class Oort(ClientSelector):
+    """Guided participant selection.
+
+    Statistical utility, measured when a client reports: |B_i| * sqrt(mean of its samples'
+    squared losses), over every sample it trained on that round. Score at round t:
+    utility + sqrt(staleness * ln(t) / last_round_i) (clients not seen for a while regain
+    priority), times (T / t_i) ** alpha when the client's round time t_i exceeds the preferred
+    duration T. Without a simulated clock (systems disabled) there is no penalty.
+
+    Args:
+        exploration: initial share of the cohort given to never-selected clients (0.9).
+        exploration_decay: `exploration` is multiplied by this every round (0.98).
+        min_exploration: floor of the exploration share (0.3).
+        alpha: exponent of the system penalty (2.0).
+        staleness: weight of the staleness bonus (0.1).
+        cutoff: exploit among clients scoring at least `cutoff` times the k-th best score,
+            drawn in proportion to their scores (0.95).
+        preferred_percentile: T starts at this percentile of the round times seen so far
+            (50).
+        pacer_window: every this many rounds, if the utility collected in the last window
+            fell below the window before, T is relaxed by `pacer_step` (20).
+        pacer_step: fraction by which T grows when the pacer relaxes it (0.1).
+        max_participation: clients selected this many times are no longer selected
+            (blacklisted); None: no limit (None).
+    """
+
+    def __init__(self, exploration: float = 0.9, exploration_decay: float = 0.98,
+                 min_exploration: float = 0.3, alpha: float = 2.0, staleness: float = 0.1,
+                 cutoff: float = 0.95, preferred_percentile: float = 50.0,
+                 pacer_window: int = 20, pacer_step: float = 0.1,
+                 max_participation: int | None = None) -> None:
+        for name, value in (("exploration", exploration), ("min_exploration", min_exploration),
+                            ("cutoff", cutoff)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"Oort {name} must be in [0, 1], got {value}")
+        if pacer_window < 1 or alpha < 0 or staleness < 0:
+            raise ValueError("Oort pacer_window must be >= 1, alpha and staleness >= 0")
+        self.exploration, self.exploration_decay = exploration, exploration_decay
+        self.min_exploration, self.alpha, self.staleness = min_exploration, alpha, staleness
+        self.cutoff, self.preferred_percentile = cutoff, preferred_percentile
+        self.pacer_window, self.pacer_step = pacer_window, pacer_step
+        self.max_participation = max_participation
+        self.preferred_s: float | None = None
+        self.window_utility: list[float] = []
+
+    def bind(self, num_clients: int, seed: int) -> None:
+        super().bind(num_clients, seed)
+        self.utility = np.zeros(num_clients)
+        self.duration = np.full(num_clients, np.nan)
+        self.last_round = np.zeros(num_clients, dtype=np.int64)  # 0: never selected
+        self.times_selected = np.zeros(num_clients, dtype=np.int64)
+
+    def select(self, round_index: int, k: int) -> np.ndarray:
+        allowed = (np.ones(self.num_clients, dtype=bool) if self.max_participation is None
+                   else self.times_selected < self.max_participation)
+        explored = np.flatnonzero(allowed & (self.last_round > 0))
+        unexplored = np.flatnonzero(allowed & (self.last_round == 0))
+        if explored.size + unexplored.size < k:  # everyone blacklisted: fall back to all
+            explored = np.flatnonzero(self.last_round > 0)
+            unexplored = np.flatnonzero(self.last_round == 0)
+        share = max(self.exploration, self.min_exploration)
+        explore = min(unexplored.size, max(k - explored.size, round(k * share)))
+        chosen = [self._exploit(explored, k - explore, round_index),
+                  self.rng.choice(unexplored, size=explore, replace=False)]
+        self.exploration *= self.exploration_decay
+        picked = np.sort(np.concatenate(chosen)).astype(np.int64)
+        self.times_selected[picked] += 1
+        return picked
+
+    def scores(self, clients: np.ndarray, round_index: int) -> np.ndarray:
+        """Utility + staleness bonus, times the system penalty for clients slower than T."""
+        bonus = np.sqrt(self.staleness * math.log(max(round_index, 1))
+                        / np.maximum(self.last_round[clients], 1))
+        score = self.utility[clients] + bonus
+        durations = self.duration[clients]
+        if self.preferred_s is not None:
+            slow = np.isfinite(durations) & (durations > self.preferred_s)
+            score[slow] *= (self.preferred_s / durations[slow]) ** self.alpha
+        return score
+
+    def _exploit(self, explored: np.ndarray, count: int, round_index: int) -> np.ndarray:
+        if count <= 0 or explored.size == 0:
+            return explored[:0]
+        if explored.size <= count:
+            return explored
+        score = self.scores(explored, round_index)
+        kth = np.sort(score)[::-1][count - 1]
+        pool = explored[score >= self.cutoff * kth]
+        weights = score[score >= self.cutoff * kth]
+        if pool.size == count or weights.sum() <= 0:
+            return pool[:count]
+        return self.rng.choice(pool, size=count, replace=False, p=weights / weights.sum())
+
+    def feedback(self, round_index: int, updates: list[ClientUpdate],
+                 durations: dict[int, float] | None = None) -> None:
+        collected = 0.0
+        for update in updates:
+            samples = max(update.samples_trained, 1)
+            utility = update.num_samples * math.sqrt(update.loss_squared_sum / samples)
+            self.utility[update.client] = utility
+            self.last_round[update.client] = round_index
+            collected += utility
+            if durations is not None and update.client in durations:
+                self.duration[update.client] = durations[update.client]
+        if self.preferred_s is None and np.isfinite(self.duration).any():
+            self.preferred_s = float(np.nanpercentile(self.duration, self.preferred_percentile))
+        self._pace(collected)
+
+    def _pace(self, collected: float) -> None:
+        """Relax T when the utility of the last window fell below the window before."""
+        self.window_utility.append(collected)
+        window = self.pacer_window
+        if self.preferred_s is None or len(self.window_utility) < 2 * window:
+            return
+        if len(self.window_utility) % window == 0:
+            last = sum(self.window_utility[-window:])
+            before = sum(self.window_utility[-2 * window:-window])
+            if last < before:
+                self.preferred_s *= 1 + self.pacer_step
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "utility": self.utility, "duration": self.duration,
+                "last_round": self.last_round, "times_selected": self.times_selected,
+                "exploration": self.exploration, "preferred_s": self.preferred_s,
+                "window_utility": list(self.window_utility)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        for key in ("utility", "duration", "last_round", "times_selected", "exploration",
+                    "preferred_s", "window_utility"):
+            setattr(self, key, state[key])

@@ -1,0 +1,62 @@
+"""Client selectors: uniform is seeded, Oort's utility and preferences checked by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fltoolkit.selection import Oort, UniformSelector
+from fltoolkit.updates import ClientUpdate
+
+
+def _update(client: int, num_samples: int, samples_trained: int, squares: float) -> ClientUpdate:
+    return ClientUpdate(client=client, num_samples=num_samples, loss=0.0, dense=torch.zeros(1),
+                        samples_trained=samples_trained, loss_squared_sum=squares)
+
+
+def _oort(**kwargs) -> Oort:
+    selector = Oort(**{"exploration": 0.0, "min_exploration": 0.0, "staleness": 0.0,
+                       "cutoff": 1.0, **kwargs})
+    selector.bind(num_clients=4, seed=0)
+    return selector
+
+
+def test_uniform_selection_is_seeded_and_distinct():
+    first, second = UniformSelector(), UniformSelector()
+    first.bind(100, seed=3), second.bind(100, seed=3)
+    picked = first.select(1, 10)
+    assert picked.tolist() == second.select(1, 10).tolist() and len(set(picked.tolist())) == 10
+
+
+def test_oort_utility_is_samples_times_root_mean_squared_loss():
+    selector = _oort()
+    # 10 samples, trained twice (20 losses) whose squares sum to 5: 10 * sqrt(5 / 20) = 5
+    selector.feedback(1, [_update(2, num_samples=10, samples_trained=20, squares=5.0)])
+    assert selector.utility[2] == pytest.approx(5.0)
+
+
+def test_oort_prefers_higher_utility_at_equal_speed_and_the_faster_at_equal_utility():
+    selector = _oort()
+    updates = [_update(0, 10, 10, 1.0), _update(1, 10, 10, 4.0),   # utilities 3.16, 6.32
+               _update(2, 10, 10, 9.0), _update(3, 10, 10, 9.0)]   # 9.49 each
+    durations = {0: 10.0, 1: 10.0, 2: 10.0, 3: 40.0}
+    selector.feedback(1, updates, durations)
+    assert selector.preferred_s == 10.0  # median of the round times
+    scores = selector.scores(np.arange(4), round_index=2)
+    # client 3 is 4x slower than T: penalty (10 / 40) ** 2
+    np.testing.assert_allclose(scores, [math.sqrt(10), 2 * math.sqrt(10), 3 * math.sqrt(10),
+                                        3 * math.sqrt(10) / 16])
+    assert selector.select(2, 1).tolist() == [2]
+    assert selector.select(3, 2).tolist() == [1, 2]
+
+
+def test_oort_explores_unseen_clients_and_blacklists_the_over_selected():
+    selector = Oort(exploration=1.0, max_participation=1)
+    selector.bind(num_clients=6, seed=0)
+    first = selector.select(1, 3)
+    selector.feedback(1, [_update(int(c), 10, 10, 1.0) for c in first])
+    second = selector.select(2, 3)
+    assert set(first.tolist()).isdisjoint(second.tolist())  # explored ones are blacklisted
