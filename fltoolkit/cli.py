@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.base import CTRDataModule, DataError
 from fltoolkit.config import ConfigError, FederatedConfig
+from fltoolkit.reports.config import ReportConfig
 from fltoolkit.reports.run_dir import RunDirectoryError
 from fltoolkit.systems.config import SystemsConfig
 from fltoolkit.systems.devices import DeviceError
@@ -82,6 +83,7 @@ class FltkCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(FederatedConfig, "federated")
         parser.add_class_arguments(SystemsConfig, "systems")
+        parser.add_class_arguments(ReportConfig, "report")
         parser.link_arguments("seed", "data.init_args.seed")
 
     def instantiate_classes(self) -> None:

@@ -66,11 +66,14 @@ def run_fit(cli: Any, experiment_name: str) -> Path:
         extra = {"mode": "centralized", "epochs": cli.trainer.current_epoch}
     else:
         loop.on_evaluation = lambda row: _record(run_dir, row)
+        loop.on_round = run_dir.append_round
         final = _train_federated(loop, federated.rounds)
         extra = {"mode": "federated", "strategy": loop.strategy.name,
                  "strategy_hyperparameters": loop.strategy.hyperparameters(),
                  "rounds": federated.rounds, "clients_per_round": federated.clients_per_round,
-                 "local_tables": list(loop.local_tables.initial) if loop.local_tables else []}
+                 "local_tables": list(loop.local_tables.initial) if loop.local_tables else [],
+                 "selector": type(loop.selector).__name__,
+                 **cli.config_init["report"].to_target(loop.history)}
     info = datamodule.data.info
     summary = {
         **extra,

@@ -12,7 +12,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,12 +36,19 @@ log = logging.getLogger("fltk")
 warnings.filterwarnings("ignore", message=".*self.log.*trainer. reference is not registered.*")
 
 
+IDLE_WAIT_S = 60.0  # simulated wait when too few clients are online to start a round
+ROUND_COUNTERS = ("selected", "clients", "aggregated", "rejected", "dropped", "stragglers",
+                  "skipped", "bytes_up", "bytes_down")
+
+
 @dataclass
 class RoundStats:
     """Totals of the rounds since the last evaluation."""
 
     rounds: int = 0
+    selected: int = 0
     clients: int = 0
+    aggregated: int = 0
     rejected: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -61,6 +68,8 @@ class FederatedLoop:
         seed: the run's seed (selection and local batch order derive from it).
         eval_batch_size: rows per evaluation batch.
         on_evaluation: called with each evaluation's metrics row (e.g. to write metrics.csv).
+        on_round: called with each round's row: ROUND_COUNTERS, and with simulated devices
+            the round's simulated duration and the clock (e.g. to write rounds.csv).
         systems: simulated devices and round policy; None or disabled: every selected client
             is aggregated and there is no clock.
     """
@@ -68,10 +77,12 @@ class FederatedLoop:
     def __init__(self, module: torch.nn.Module, data: PreparedData, config: FederatedConfig,
                  seed: int, eval_batch_size: int = 65536,
                  on_evaluation: Callable[[dict[str, Any]], None] | None = None,
-                 systems: SystemsConfig | None = None) -> None:
+                 systems: SystemsConfig | None = None,
+                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.module, self.data, self.config, self.seed = module, data, config, seed
         self.eval_batch_size = eval_batch_size
         self.on_evaluation = on_evaluation or (lambda row: None)
+        self.on_round = on_round or (lambda row: None)
         self.parts = split_parameters(module, data.features.sparse)
         local = self._local_table_names()
         self.local_tables = (LocalTableStore({n: self.parts.tables[n].weight for n in local})
@@ -134,10 +145,23 @@ class FederatedLoop:
         return last
 
     def run_round(self, round_index: int, stats: RoundStats) -> None:
+        """One round; adds to `stats` and reports the round's own row to `on_round`."""
+        before = replace(stats, losses=[])
+        sim_before = self.sim_time_s
+        self._round(round_index, stats)
+        row = {"round": round_index, **{key: getattr(stats, key) - getattr(before, key)
+                                        for key in ROUND_COUNTERS}}
+        if self.population is not None:
+            row.update(round_duration_s=round(self.sim_time_s - sim_before, 3),
+                       sim_time_s=round(self.sim_time_s, 3))
+        self.on_round(row)
+
+    def _round(self, round_index: int, stats: RoundStats) -> None:
         wanted = self.config.clients_per_round
         durations = None
         if self.population is None:
             chosen = self.selector.select(round_index, wanted).tolist()
+            stats.selected += len(chosen)
         else:
             chosen, durations = self._admitted(round_index, wanted, stats)
         if not chosen:
@@ -156,6 +180,7 @@ class FederatedLoop:
                 stats.rejected += 1
         stats.rounds += 1
         stats.clients += len(clients)
+        stats.aggregated += len(updates)
         self.participation[clients] += 1
         if not updates:
             log.warning("round %d: no valid update, the global model is unchanged", round_index)
@@ -176,11 +201,20 @@ class FederatedLoop:
         so stragglers and dropped clients cost no local training.
         """
         count = min(self.policy.num_selected(wanted), self.data.train.num_clients)
-        selected = self.selector.select(round_index, count)
+        availability = self.population.availability
+        online_now = (None if availability is None else
+                      availability.online_at(self.data.train.num_clients, self.sim_time_s))
+        selected = self.selector.select(round_index, count, online_now)
+        stats.selected += len(selected)
+        if len(selected) < self.policy.min_updates:  # nobody to train: wait for devices
+            self.sim_time_s += IDLE_WAIT_S
+            stats.skipped += 1
+            log.warning("round %d skipped: %d client(s) online, systems.min_updates=%d",
+                        round_index, len(selected), self.policy.min_updates)
+            return [], {}
         seeds = [self._client_seed(round_index, client) for client in selected.tolist()]
         moved, samples = self.trainer.payloads(self.trainer.plan(selected.tolist(), seeds))
         seconds = client_seconds(self.population, selected, moved, samples, moved)
-        availability = self.population.availability
         online = (np.ones(len(selected), dtype=bool) if availability is None else
                   availability.online_throughout(selected, np.full(len(selected), self.sim_time_s),
                                                  self.sim_time_s + seconds))

@@ -94,12 +94,24 @@ def test_systems_add_a_simulated_clock_to_metrics_and_summary(tmp_path):
     run = tmp_path / "run"
     assert _fit(tmp_path, "--run_dir", str(run), "--federated.rounds", "4",
                 "--federated.clients_per_round", "10", "--federated.eval_interval", "2",
-                "--systems.enabled", "true", "--systems.over_commit", "1.5") == 0
+                "--systems.enabled", "true", "--systems.over_commit", "1.5",
+                "--federated.selector.class_path", "fltoolkit.selection.Oort",
+                "--report.target_auc", "0.01") == 0
     with (run / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert 0 < float(rows[0]["sim_time_s"]) < float(rows[1]["sim_time_s"])
+    with (run / "rounds.csv").open() as f:
+        rounds = list(csv.DictReader(f))
+    assert [r["round"] for r in rounds] == ["1", "2", "3", "4"]
+    assert all(r["selected"] == "15" for r in rounds)  # ceil(10 * 1.5)
+    assert all(int(r["aggregated"]) <= 10 for r in rounds)
+    assert sum(int(r["aggregated"]) for r in rounds) > 0  # clients are chosen among those online
+    assert sum(float(r["round_duration_s"]) for r in rounds) == pytest.approx(
+        float(rounds[-1]["sim_time_s"]), abs=0.01)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["sim_time_s"] == pytest.approx(float(rows[1]["sim_time_s"]))
+    assert summary["selector"] == "Oort" and summary["rounds_to_target"] == 2
+    assert summary["time_to_target"] == pytest.approx(float(rows[0]["sim_time_s"]))
 
 
 def test_fedscale_pickles_need_the_explicit_flag(tmp_path, capsys):

@@ -60,3 +60,12 @@ def test_oort_explores_unseen_clients_and_blacklists_the_over_selected():
     selector.feedback(1, [_update(int(c), 10, 10, 1.0) for c in first])
     second = selector.select(2, 3)
     assert set(first.tolist()).isdisjoint(second.tolist())  # explored ones are blacklisted
+
+
+@pytest.mark.parametrize("selector", [UniformSelector(), Oort()])
+def test_selectors_choose_only_online_clients(selector):
+    selector.bind(num_clients=10, seed=1)
+    available = np.zeros(10, dtype=bool)
+    available[[2, 5, 7]] = True
+    assert selector.select(1, 2, available).tolist() in ([2, 5], [2, 7], [5, 7])
+    assert selector.select(2, 5, available).tolist() == [2, 5, 7]  # fewer online than wanted

@@ -63,6 +63,8 @@ def test_generated_population_is_seeded_and_heavy_tailed():
     online = first.availability.online_throughout(np.arange(2000), np.full(2000, 43_200.0),
                                                   np.full(2000, 43_260.0))
     assert 0.02 < online.mean() < 0.9  # some, not all, clients online at noon
+    midnight = first.availability.online_at(2000, 0.0)
+    assert 0.5 < midnight.mean() / online.mean() < 2  # sessions wrap: no dip after midnight
 
 
 def test_our_parquet_format_round_trips(tmp_path):

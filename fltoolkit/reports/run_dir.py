@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-METRIC_COLUMNS = ["round", "wall_time_s", "auc", "logloss", "ne", "gauc", "calibration"]
+METRIC_COLUMNS = ("round", "wall_time_s", "auc", "logloss", "ne", "gauc", "calibration")
 
 
 class RunDirectoryError(ValueError):
@@ -27,8 +27,27 @@ def next_version(root: Path) -> Path:
     return root / f"version_{max(versions, default=-1) + 1}"
 
 
+class CsvLog:
+    """A CSV file written a row at a time; the first row fixes the columns (`first` ones
+    leading)."""
+
+    def __init__(self, path: Path, first: tuple[str, ...] = ()) -> None:
+        self.path, self.first = path, first
+        self.columns: list[str] | None = None
+
+    def append(self, row: dict[str, Any]) -> None:
+        if self.columns is None:
+            self.columns = ([c for c in self.first if c in row]
+                            + [k for k in row if k not in self.first])
+            with self.path.open("w", newline="") as f:
+                csv.writer(f).writerow(self.columns)
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow([_format(row.get(c)) for c in self.columns])
+
+
 class RunDirectory:
-    """Files of one run: config.yaml, metrics.csv (a row per evaluation) and summary.json."""
+    """Files of one run: config.yaml, metrics.csv (a row per evaluation), rounds.csv (a row
+    per federated round) and summary.json."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -37,21 +56,19 @@ class RunDirectory:
                 f"run_dir {self.path} already exists and is not empty; "
                 "choose another --run_dir (runs are never overwritten)")
         self.path.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.path / "metrics.csv"
-        self._columns: list[str] | None = None
+        self.metrics = CsvLog(self.path / "metrics.csv", METRIC_COLUMNS)
+        self.rounds = CsvLog(self.path / "rounds.csv", ("round",))
 
     def write_config(self, text: str) -> None:
         _atomic_write(self.path / "config.yaml", text)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        """Append one evaluation; the first row fixes the columns (known ones first)."""
-        if self._columns is None:
-            extra = [k for k in row if k not in METRIC_COLUMNS]
-            self._columns = [c for c in METRIC_COLUMNS if c in row] + extra
-            with self.metrics_path.open("w", newline="") as f:
-                csv.writer(f).writerow(self._columns)
-        with self.metrics_path.open("a", newline="") as f:
-            csv.writer(f).writerow([_format(row.get(c)) for c in self._columns])
+        """Append one evaluation (known metric columns first)."""
+        self.metrics.append(row)
+
+    def append_round(self, row: dict[str, Any]) -> None:
+        """Append one federated round's bookkeeping (clients, bytes, simulated time)."""
+        self.rounds.append(row)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v)

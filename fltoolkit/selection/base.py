@@ -18,8 +18,18 @@ class ClientSelector(ABC):
         self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5E1EC7]))
 
     @abstractmethod
-    def select(self, round_index: int, k: int) -> np.ndarray:
-        """[k] distinct client positions (0..num_clients-1)."""
+    def select(self, round_index: int, k: int, available: np.ndarray | None = None
+               ) -> np.ndarray:
+        """Up to k distinct client positions (0..num_clients-1), sorted.
+
+        `available` ([num_clients] bool, simulated devices only) marks the clients online at
+        the round's start; only those may be chosen, so fewer than k come back if fewer are
+        online.
+        """
+
+    def candidates(self, available: np.ndarray | None) -> np.ndarray:
+        """The positions a round may choose from."""
+        return np.arange(self.num_clients) if available is None else np.flatnonzero(available)
 
     def feedback(self, round_index: int, updates: list[ClientUpdate],
                  durations: dict[int, float] | None = None) -> None:

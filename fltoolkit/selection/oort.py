@@ -68,14 +68,18 @@ class Oort(ClientSelector):
         self.last_round = np.zeros(num_clients, dtype=np.int64)  # 0: never selected
         self.times_selected = np.zeros(num_clients, dtype=np.int64)
 
-    def select(self, round_index: int, k: int) -> np.ndarray:
-        allowed = (np.ones(self.num_clients, dtype=bool) if self.max_participation is None
-                   else self.times_selected < self.max_participation)
+    def select(self, round_index: int, k: int, available: np.ndarray | None = None
+               ) -> np.ndarray:
+        online = np.zeros(self.num_clients, dtype=bool)
+        online[self.candidates(available)] = True
+        k = min(k, int(online.sum()))
+        allowed = online.copy()
+        if self.max_participation is not None:
+            allowed &= self.times_selected < self.max_participation
+        if allowed.sum() < k:  # too many blacklisted: fall back to every online client
+            allowed = online
         explored = np.flatnonzero(allowed & (self.last_round > 0))
         unexplored = np.flatnonzero(allowed & (self.last_round == 0))
-        if explored.size + unexplored.size < k:  # everyone blacklisted: fall back to all
-            explored = np.flatnonzero(self.last_round > 0)
-            unexplored = np.flatnonzero(self.last_round == 0)
         share = max(self.exploration, self.min_exploration)
         explore = min(unexplored.size, max(k - explored.size, round(k * share)))
         chosen = [self._exploit(explored, k - explore, round_index),

@@ -8,7 +8,12 @@ from fltoolkit.selection.base import ClientSelector
 
 
 class UniformSelector(ClientSelector):
-    """Every round, `k` clients drawn uniformly without replacement from the whole population."""
+    """Every round, `k` clients drawn uniformly without replacement (from those online, with
+    simulated devices)."""
 
-    def select(self, round_index: int, k: int) -> np.ndarray:
-        return np.sort(self.rng.choice(self.num_clients, size=k, replace=False))
+    def select(self, round_index: int, k: int, available: np.ndarray | None = None
+               ) -> np.ndarray:
+        if available is None:  # the draw of runs without devices stays as it was
+            return np.sort(self.rng.choice(self.num_clients, size=k, replace=False))
+        pool = self.candidates(available)
+        return np.sort(self.rng.choice(pool, size=min(k, pool.size), replace=False))

@@ -63,6 +63,12 @@ class Availability:
         position = np.clip(position, 0, max(len(self.end_s) - 1, 0))
         return found & (self.end_s[position] >= end) if len(self.end_s) else found
 
+    def online_at(self, num_clients: int, seconds: float) -> np.ndarray:
+        """[num_clients] whether each client is online at this simulated time."""
+        clients = np.arange(num_clients)
+        return self.online_throughout(clients, np.full(num_clients, seconds),
+                                      np.full(num_clients, seconds))
+
     def _key(self, clients: np.ndarray, seconds: np.ndarray) -> np.ndarray:
         return clients * (2 * self.period_s) + seconds
 
@@ -122,8 +128,13 @@ def generate_devices(num_clients: int, seed: int, *, compute_median_ms: float = 
         sessions = 1 + rng.poisson(max(sessions_mean - 1, 0), num_clients)
         owners = np.repeat(np.arange(num_clients), sessions)
         starts = rng.uniform(0, DAY_S, owners.size)
-        ends = np.minimum(starts + rng.lognormal(np.log(session_median_s), 1.0, owners.size),
-                          DAY_S)
+        ends = starts + np.minimum(rng.lognormal(np.log(session_median_s), 1.0, owners.size),
+                                   DAY_S)
+        # a session running past midnight continues at the start of the (repeating) day
+        wraps = ends > DAY_S
+        owners = np.concatenate([owners, owners[wraps]])
+        starts = np.concatenate([starts, np.zeros(int(wraps.sum()))])
+        ends = np.concatenate([np.minimum(ends, DAY_S), ends[wraps] - DAY_S])
         availability = merge_intervals(owners, starts, ends, num_clients)
     return DevicePopulation(compute, down, up, availability)
 
