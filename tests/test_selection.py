@@ -39,7 +39,7 @@ def test_oort_utility_is_samples_times_root_mean_squared_loss():
 
 
 def test_oort_prefers_higher_utility_at_equal_speed_and_the_faster_at_equal_utility():
-    selector = _oort()
+    selector = _oort(preferred_percentile=50.0)
     updates = [_update(0, 10, 10, 1.0), _update(1, 10, 10, 4.0),   # utilities 3.16, 6.32
                _update(2, 10, 10, 9.0), _update(3, 10, 10, 9.0)]   # 9.49 each
     durations = {0: 10.0, 1: 10.0, 2: 10.0, 3: 40.0}
@@ -69,3 +69,10 @@ def test_selectors_choose_only_online_clients(selector):
     available[[2, 5, 7]] = True
     assert selector.select(1, 2, available).tolist() in ([2, 5], [2, 7], [5, 7])
     assert selector.select(2, 5, available).tolist() == [2, 5, 7]  # fewer online than wanted
+
+
+def test_oort_pacer_relaxes_t_when_utility_flattens():
+    selector = _oort(pacer_window=2, pacer_delta=5.0)
+    for round_index in range(1, 5):  # four rounds of equal utility: flat
+        selector.feedback(round_index, [_update(0, 10, 10, 1.0)], {0: 1.0})
+    assert selector.preferred_percentile == 35.0

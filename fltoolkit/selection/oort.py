@@ -33,19 +33,21 @@ class Oort(ClientSelector):
         staleness: weight of the staleness bonus (0.1).
         cutoff: exploit among clients scoring at least `cutoff` times the k-th best score,
             drawn in proportion to their scores (0.95).
-        preferred_percentile: T starts at this percentile of the round times seen so far
-            (50).
-        pacer_window: every this many rounds, if the utility collected in the last window
-            fell below the window before, T is relaxed by `pacer_step` (20).
-        pacer_step: fraction by which T grows when the pacer relaxes it (0.1).
+        preferred_percentile: T is this percentile of the round times seen so far (30); the
+            pacer moves it.
+        pacer_window: every this many rounds the pacer compares the utility collected in the
+            last window with the window before (20): within 10% (progress has flattened) it
+            relaxes T by `pacer_delta` percentile points (up to 100), more than 5x apart it
+            tightens T by as much.
+        pacer_delta: percentile points per pacer move (5).
         max_participation: clients selected this many times are no longer selected
             (blacklisted); None: no limit (None).
     """
 
     def __init__(self, exploration: float = 0.9, exploration_decay: float = 0.98,
                  min_exploration: float = 0.3, alpha: float = 2.0, staleness: float = 0.1,
-                 cutoff: float = 0.95, preferred_percentile: float = 50.0,
-                 pacer_window: int = 20, pacer_step: float = 0.1,
+                 cutoff: float = 0.95, preferred_percentile: float = 30.0,
+                 pacer_window: int = 20, pacer_delta: float = 5.0,
                  max_participation: int | None = None) -> None:
         for name, value in (("exploration", exploration), ("min_exploration", min_exploration),
                             ("cutoff", cutoff)):
@@ -56,9 +58,8 @@ class Oort(ClientSelector):
         self.exploration, self.exploration_decay = exploration, exploration_decay
         self.min_exploration, self.alpha, self.staleness = min_exploration, alpha, staleness
         self.cutoff, self.preferred_percentile = cutoff, preferred_percentile
-        self.pacer_window, self.pacer_step = pacer_window, pacer_step
+        self.pacer_window, self.pacer_delta = pacer_window, pacer_delta
         self.max_participation = max_participation
-        self.preferred_s: float | None = None
         self.window_utility: list[float] = []
 
     def bind(self, num_clients: int, seed: int) -> None:
@@ -95,10 +96,18 @@ class Oort(ClientSelector):
                         / np.maximum(self.last_round[clients], 1))
         score = self.utility[clients] + bonus
         durations = self.duration[clients]
-        if self.preferred_s is not None:
-            slow = np.isfinite(durations) & (durations > self.preferred_s)
-            score[slow] *= (self.preferred_s / durations[slow]) ** self.alpha
+        preferred = self.preferred_s
+        if preferred is not None:
+            slow = np.isfinite(durations) & (durations > preferred)
+            score[slow] *= (preferred / durations[slow]) ** self.alpha
         return score
+
+    @property
+    def preferred_s(self) -> float | None:
+        """T: the preferred round time, a percentile of the round times seen (None: none)."""
+        if not np.isfinite(self.duration).any():
+            return None
+        return float(np.nanpercentile(self.duration, self.preferred_percentile))
 
     def _exploit(self, explored: np.ndarray, count: int, round_index: int) -> np.ndarray:
         if count <= 0 or explored.size == 0:
@@ -124,30 +133,32 @@ class Oort(ClientSelector):
             collected += utility
             if durations is not None and update.client in durations:
                 self.duration[update.client] = durations[update.client]
-        if self.preferred_s is None and np.isfinite(self.duration).any():
-            self.preferred_s = float(np.nanpercentile(self.duration, self.preferred_percentile))
         self._pace(collected)
 
     def _pace(self, collected: float) -> None:
-        """Relax T when the utility of the last window fell below the window before."""
+        """Move T's percentile when the windowed utility flattens (relax) or jumps (tighten)."""
         self.window_utility.append(collected)
         window = self.pacer_window
-        if self.preferred_s is None or len(self.window_utility) < 2 * window:
+        if len(self.window_utility) < 2 * window or len(self.window_utility) % window:
             return
-        if len(self.window_utility) % window == 0:
-            last = sum(self.window_utility[-window:])
-            before = sum(self.window_utility[-2 * window:-window])
-            if last < before:
-                self.preferred_s *= 1 + self.pacer_step
+        last = sum(self.window_utility[-window:])
+        before = sum(self.window_utility[-2 * window:-window])
+        change = abs(last - before)
+        if change <= 0.1 * before:
+            self.preferred_percentile = min(100.0, self.preferred_percentile + self.pacer_delta)
+        elif change >= 5 * before:
+            self.preferred_percentile = max(self.pacer_delta,
+                                            self.preferred_percentile - self.pacer_delta)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "utility": self.utility, "duration": self.duration,
                 "last_round": self.last_round, "times_selected": self.times_selected,
-                "exploration": self.exploration, "preferred_s": self.preferred_s,
+                "exploration": self.exploration,
+                "preferred_percentile": self.preferred_percentile,
                 "window_utility": list(self.window_utility)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         for key in ("utility", "duration", "last_round", "times_selected", "exploration",
-                    "preferred_s", "window_utility"):
+                    "preferred_percentile", "window_utility"):
             setattr(self, key, state[key])
