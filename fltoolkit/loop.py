@@ -1,9 +1,11 @@
 """FederatedLoop: the round loop, and nothing else.
 
-Each round: select clients -> train each from the current global weights -> drop updates
-that are not finite -> aggregate with the strategy -> tell the selector -> evaluate every
-`eval_interval` rounds. The global model is the LightningModule itself; a round's clients
-train on it in turn and leave it as they found it (see CohortTrainer).
+Each round: select clients (with simulated devices: over-commit among those online, then
+keep the fastest that stay online and meet the deadline, advancing the clock) -> train each
+from the current global weights -> drop updates that are not finite -> aggregate with the
+strategy -> tell the selector -> evaluate every `eval_interval` rounds. The global model is
+the LightningModule itself; a round's clients train on it in turn and leave it as they found
+it (see CohortTrainer).
 """
 
 from __future__ import annotations
