@@ -213,23 +213,22 @@ class CohortTrainer:
                                       cohort.rows(name, slot))
                         for name, part in self.parts.tables.items()}
             self.optimizer_states.load(client, optimizers, segments)
-        losses, squares = [], []
+        losses, sample_losses = [], []
         for step, rows in enumerate(cohort.steps[slot]):
             batch = Batch(cohort.dense[rows], cohort.sparse[rows], cohort.label[rows])
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
-            loss, sample_losses = _loss_and_samples(self.module.training_step(batch, step),
-                                                    len(batch))
+            loss, samples = _loss_and_samples(self.module.training_step(batch, step), len(batch))
             loss.backward()
             if self.proximal_mu:
                 self._add_proximal_gradient(cohort, slot, global_dense, start)
             for optimizer in optimizers:
                 optimizer.step()
             losses.append(loss.detach())
-            squares.append(sample_losses.square().sum())
+            sample_losses.append(samples)
         if self.optimizer_states is not None:
             self.optimizer_states.save(client, optimizers, segments)
-        return float(torch.stack(losses).mean()), float(torch.stack(squares).sum())
+        return float(torch.stack(losses).mean()), float(torch.cat(sample_losses).square().sum())
 
     def _add_proximal_gradient(self, cohort: Cohort, slot: int, global_dense: Tensor,
                                start: dict[str, Tensor]) -> None:
@@ -258,6 +257,7 @@ class CohortTrainer:
                  ) -> list[ClientUpdate]:
         """Split the round's deltas per client; local tables' rows go to their store."""
         deltas = {name: work[name] - start[name] for name in work}
+        finite = _finite_per_client(cohort, dense_deltas, deltas, losses)
         updates = []
         for slot, client in enumerate(cohort.clients):
             tables, download = {}, self.dense_bytes
@@ -273,8 +273,25 @@ class CohortTrainer:
                 client=client, num_samples=cohort.num_samples[slot], loss=losses[slot],
                 dense=dense_deltas[slot], tables=tables, download_bytes=download,
                 samples_trained=sum(rows.stop - rows.start for rows in cohort.steps[slot]),
-                loss_squared_sum=squares[slot]))
+                loss_squared_sum=squares[slot], finite=finite[slot]))
         return updates
+
+
+def _finite_per_client(cohort: Cohort, dense_deltas: Tensor, deltas: dict[str, Tensor],
+                       losses: list[float]) -> list[bool]:
+    """Whether each client's loss and deltas are all finite: a few ops for the whole round.
+
+    Row sums stand for their rows (NaN and Inf propagate through sums; isfinite(...).all()
+    over the dense deltas took 13 ms a round, the sums 1 ms).
+    """
+    finite = torch.isfinite(dense_deltas.sum(dim=1)) & torch.isfinite(torch.tensor(losses))
+    for name, delta in deltas.items():
+        bad_rows = (~torch.isfinite(delta.sum(dim=1))).to(torch.int64)
+        sizes = torch.tensor(np.diff(cohort.segments[name]))
+        owner = torch.repeat_interleave(torch.arange(len(cohort.clients)), sizes)
+        finite &= torch.zeros(len(cohort.clients), dtype=torch.int64).index_add_(
+            0, owner, bad_rows) == 0
+    return finite.tolist()
 
 
 def _loss_and_samples(output: Tensor | dict[str, Tensor], batch_size: int

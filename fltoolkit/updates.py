@@ -63,6 +63,8 @@ class ClientUpdate:
         download_bytes: what the client had to receive to train (dense weights and its rows).
         samples_trained: rows trained on, counted once per local step (epochs x rows).
         loss_squared_sum: sum over those samples of their squared loss (Oort's utility).
+        finite: whether every delta is finite, when the producer checked a whole round at once
+            (None: `is_finite` checks this update's tensors).
     """
 
     client: int
@@ -73,6 +75,7 @@ class ClientUpdate:
     download_bytes: int = 0
     samples_trained: int = 0
     loss_squared_sum: float = 0.0
+    finite: bool | None = None
 
     def upload_bytes(self) -> int:
         dense = self.dense.numel() * self.dense.element_size()
@@ -80,5 +83,7 @@ class ClientUpdate:
 
     def is_finite(self) -> bool:
         """No NaN or Inf anywhere (one sum per tensor: NaN and Inf propagate through sums)."""
+        if self.finite is not None:
+            return self.finite
         sums = [self.dense.sum(), *(rows.values.sum() for rows in self.tables.values())]
         return bool(torch.isfinite(torch.stack(sums)).all())

@@ -240,3 +240,19 @@ def test_systems_over_commit_trains_only_the_fastest_and_advances_the_clock(synt
     seconds = client_seconds(again.population, selected, moved, samples, moved)
     assert sorted(trained) == sorted(selected[np.argsort(seconds)[:20]].tolist())
     assert loop.sim_time_s == pytest.approx(np.sort(seconds)[19])
+
+
+def test_round_finiteness_check_flags_exactly_the_clients_with_a_bad_delta():
+    from fltoolkit.client import Cohort, _finite_per_client
+
+    cohort = Cohort(clients=[4, 9, 2], num_samples=[1, 1, 1], dense=torch.zeros(0, 1),
+                    sparse=torch.zeros(0, 1), label=torch.zeros(0), steps=[[], [], []],
+                    row_ids={"t": torch.arange(5)}, segments={"t": [0, 2, 3, 5]})
+    dense = torch.zeros(3, 4)
+    table = torch.zeros(5, 2)
+    table[2, 1] = float("nan")  # the row of the second client (segment 2:3)
+    assert _finite_per_client(cohort, dense, {"t": table}, [0.1, 0.2, 0.3]) == [True, False,
+                                                                                True]
+    dense[2, 0] = float("inf")
+    assert _finite_per_client(cohort, dense, {"t": table}, [float("nan"), 0.2, 0.3]) == [
+        False, False, False]
