@@ -66,6 +66,7 @@ class Cohort:
         dense, label: [R, D] and [R] the rows of every local batch, client after client.
         sparse: [R, F] their ids, remapped to positions in the compact buffers.
         num_samples: per client, its training rows (its FedAvg weight).
+        samples_trained: per client, the rows of all its local batches (epochs x rows).
         steps: per client, the slices of those rows that make its local batches.
         row_ids: table -> [U] global row id of each compact buffer row.
         segments: table -> C + 1 bounds; client c owns compact rows segments[c]:segments[c + 1].
@@ -73,6 +74,7 @@ class Cohort:
 
     clients: list[int]
     num_samples: list[int]
+    samples_trained: list[int]
     dense: Tensor
     sparse: Tensor
     label: Tensor
@@ -172,7 +174,7 @@ class CohortTrainer:
             row_ids[name] = unique % vocab
             segments[name] = torch.searchsorted(
                 unique, torch.arange(len(clients) + 1) * vocab).tolist()
-        return Cohort(list(clients), num_samples, self.data.dense[order], remapped,
+        return Cohort(list(clients), num_samples, counts, self.data.dense[order], remapped,
                       self.data.label[order], steps, row_ids, segments)
 
     def payloads(self, cohort: Cohort) -> tuple[np.ndarray, np.ndarray]:
@@ -183,19 +185,20 @@ class CohortTrainer:
         """
         moved = np.full(len(cohort.clients), self.dense_bytes, dtype=np.int64)
         for name, part in self.parts.tables.items():
-            if self.local_tables is not None and name in self.local_tables:
+            if self._is_local(name):
                 continue
             row_bytes = ID_BYTES + part.weight.shape[1] * part.weight.element_size()
             moved += np.diff(cohort.segments[name]) * row_bytes
-        samples = np.array([sum(rows.stop - rows.start for rows in steps)
-                            for steps in cohort.steps])
-        return moved, samples
+        return moved, np.array(cohort.samples_trained)
+
+    def _is_local(self, table: str) -> bool:
+        return self.local_tables is not None and table in self.local_tables
 
     def _start_rows(self, table: str, cohort: Cohort) -> Tensor:
         """The compact buffer's initial values: global rows, or a local table's client rows."""
         weight = self.parts.tables[table].weight.detach()
         ids = cohort.row_ids[table]
-        if self.local_tables is None or table not in self.local_tables:
+        if not self._is_local(table):
             return weight[ids]
         return torch.cat([
             self.local_tables.client_rows(table, client, ids[cohort.rows(table, slot)])
@@ -264,7 +267,7 @@ class CohortTrainer:
             for name, delta in deltas.items():
                 rows = cohort.rows(name, slot)
                 ids = cohort.row_ids[name][rows]
-                if self.local_tables is not None and name in self.local_tables:
+                if self._is_local(name):
                     self.local_tables.save(name, client, ids, work[name][rows])
                     continue
                 tables[name] = SparseRows(ids, delta[rows])
@@ -272,7 +275,7 @@ class CohortTrainer:
             updates.append(ClientUpdate(
                 client=client, num_samples=cohort.num_samples[slot], loss=losses[slot],
                 dense=dense_deltas[slot], tables=tables, download_bytes=download,
-                samples_trained=sum(rows.stop - rows.start for rows in cohort.steps[slot]),
+                samples_trained=cohort.samples_trained[slot],
                 loss_squared_sum=squares[slot], finite=finite[slot]))
         return updates
 

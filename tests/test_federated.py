@@ -245,7 +245,8 @@ def test_systems_over_commit_trains_only_the_fastest_and_advances_the_clock(synt
 def test_round_finiteness_check_flags_exactly_the_clients_with_a_bad_delta():
     from fltoolkit.client import Cohort, _finite_per_client
 
-    cohort = Cohort(clients=[4, 9, 2], num_samples=[1, 1, 1], dense=torch.zeros(0, 1),
+    cohort = Cohort(clients=[4, 9, 2], num_samples=[1, 1, 1], samples_trained=[1, 1, 1],
+                    dense=torch.zeros(0, 1),
                     sparse=torch.zeros(0, 1), label=torch.zeros(0), steps=[[], [], []],
                     row_ids={"t": torch.arange(5)}, segments={"t": [0, 2, 3, 5]})
     dense = torch.zeros(3, 4)

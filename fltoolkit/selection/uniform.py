@@ -13,7 +13,5 @@ class UniformSelector(ClientSelector):
 
     def select(self, round_index: int, k: int, available: np.ndarray | None = None
                ) -> np.ndarray:
-        if available is None:  # the draw of runs without devices stays as it was
-            return np.sort(self.rng.choice(self.num_clients, size=k, replace=False))
         pool = self.candidates(available)
         return np.sort(self.rng.choice(pool, size=min(k, pool.size), replace=False))
