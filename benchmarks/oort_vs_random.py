@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from figures import print_figures
+
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "taobao.yaml"
 SELECTORS = {"random": "fltoolkit.selection.UniformSelector", "oort": "fltoolkit.selection.Oort"}
 
@@ -60,12 +62,10 @@ def main() -> None:
     figures["oort_over_random_time_to_target"] = (
         round(oort_time / random_time, 3) if random_time and oort_time else None)
     figures["target_auc"] = args.target_auc
-    for key, value in figures.items():
-        print(f"{key:<36s} {value}")
     print(f"runs: {root}")
-    print(f"command: python benchmarks/oort_vs_random.py --target_auc {args.target_auc} "
-          f"--rounds {args.rounds} --availability {str(args.availability).lower()}")
-    print(json.dumps({"benchmark": "oort_vs_random", **figures}))
+    print_figures("oort_vs_random", figures, f"python benchmarks/oort_vs_random.py "
+                  f"--target_auc {args.target_auc} --rounds {args.rounds} "
+                  f"--availability {str(args.availability).lower()}")
 
 
 if __name__ == "__main__":

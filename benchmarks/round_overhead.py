@@ -14,7 +14,6 @@ Prints the figures and JSON on the last line.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import warnings
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from figures import print_figures
 
 warnings.filterwarnings("ignore")
 
@@ -152,11 +152,8 @@ def main() -> None:
         "clients_per_round": 100,
         "local_steps_per_round": small["steps"],
     }
-    for key, value in figures.items():
-        print(f"{key:<40s} {value}")
-    print(f"command: python benchmarks/round_overhead.py --rows {args.rows} "
-          f"--repeats {args.repeats}")
-    print(json.dumps({"benchmark": "round_overhead", **figures}))
+    print_figures("round_overhead", figures, f"python benchmarks/round_overhead.py "
+                  f"--rows {args.rows} --repeats {args.repeats}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ def _fit(tmp_path: Path, *extra: str) -> int:
                  *extra])
 
 
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
 @pytest.mark.slow
 def test_centralized_fit_writes_config_metrics_and_summary(tmp_path, capsys):
     run = tmp_path / "run"
@@ -27,8 +32,7 @@ def test_centralized_fit_writes_config_metrics_and_summary(tmp_path, capsys):
                 "--trainer.max_epochs", "3") == 0
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["data"]["init_args"]["num_rows"] == 10000 and config["seed"] == 0
-    with (run / "metrics.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    rows = _csv_rows(run / "metrics.csv")
     assert [r["round"] for r in rows] == ["1", "2", "3"]
     assert list(rows[0])[:7] == ["round", "wall_time_s", "auc", "logloss", "ne", "gauc",
                                  "calibration"]
@@ -78,8 +82,7 @@ def test_federated_fit_selects_the_strategy_by_class_path(tmp_path):
                 "--federated.eval_interval", "2", "--federated.local_tables", "[user]",
                 "--federated.strategy.class_path", "fltoolkit.strategies.FedYogi",
                 "--federated.strategy.init_args.eta", "0.02") == 0
-    with (run / "metrics.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    rows = _csv_rows(run / "metrics.csv")
     assert [r["round"] for r in rows] == ["2", "4"]
     assert int(rows[-1]["clients_seen"]) > 20 and int(rows[-1]["bytes_up_per_round"]) > 0
     summary = json.loads((run / "summary.json").read_text())
@@ -97,11 +100,9 @@ def test_systems_add_a_simulated_clock_to_metrics_and_summary(tmp_path):
                 "--systems.enabled", "true", "--systems.over_commit", "1.5",
                 "--federated.selector.class_path", "fltoolkit.selection.Oort",
                 "--report.target_auc", "0.01") == 0
-    with (run / "metrics.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    rows = _csv_rows(run / "metrics.csv")
     assert 0 < float(rows[0]["sim_time_s"]) < float(rows[1]["sim_time_s"])
-    with (run / "rounds.csv").open() as f:
-        rounds = list(csv.DictReader(f))
+    rounds = _csv_rows(run / "rounds.csv")
     assert [r["round"] for r in rounds] == ["1", "2", "3", "4"]
     assert all(r["selected"] == "15" for r in rounds)  # ceil(10 * 1.5)
     assert all(int(r["aggregated"]) <= 10 for r in rounds)
