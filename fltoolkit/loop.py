@@ -197,7 +197,8 @@ class FederatedLoop:
     def _admitted(self, round_index: int, wanted: int, stats: RoundStats
                   ) -> tuple[list[int], dict[int, float]]:
         """Over-commit, simulate each selected client's round time, keep who finishes first;
-        returns the kept clients and their simulated seconds.
+        returns the kept clients and the observed simulated seconds of every client that
+        stayed online (kept, stragglers, and late ones capped at the deadline).
 
         Durations are known before training (the plan gives every client's bytes and samples),
         so stragglers and dropped clients cost no local training.
@@ -230,8 +231,12 @@ class FederatedLoop:
             log.warning("round %d skipped: %d update(s) survived, systems.min_updates=%d",
                         round_index, survivors, self.policy.min_updates)
             return [], {}
-        kept = selected[outcome.kept].tolist()
-        return kept, dict(zip(kept, seconds[outcome.kept].tolist(), strict=True))
+        # the server sees when every client that stayed online finished: stragglers report
+        # after the round closed, late ones were still running at the deadline
+        finished = np.concatenate([outcome.kept, outcome.stragglers, outcome.late])
+        observed = np.minimum(seconds, self.policy.deadline_s or np.inf)[finished]
+        durations = dict(zip(selected[finished].tolist(), observed.tolist(), strict=True))
+        return selected[outcome.kept].tolist(), durations
 
     def _client_seed(self, round_index: int, client: int) -> int:
         """Independent of the order in which a round's clients are trained."""

@@ -229,6 +229,8 @@ def test_systems_over_commit_trains_only_the_fastest_and_advances_the_clock(synt
     trained = []
     train_round = loop.trainer.train_round
     loop.trainer.train_round = lambda c, s: (trained.extend(c), train_round(c, s))[1]
+    observed = {}
+    loop.selector.feedback = lambda round_index, updates, durations: observed.update(durations)
     stats = RoundStats()
     loop.run_round(1, stats)
     assert len(trained) == 20 and stats.stragglers == 20 and stats.dropped == 0
@@ -240,6 +242,8 @@ def test_systems_over_commit_trains_only_the_fastest_and_advances_the_clock(synt
     seconds = client_seconds(again.population, selected, moved, samples, moved)
     assert sorted(trained) == sorted(selected[np.argsort(seconds)[:20]].tolist())
     assert loop.sim_time_s == pytest.approx(np.sort(seconds)[19])
+    # the selector learns every finisher's time, stragglers' too (Oort penalizes slow ones)
+    assert observed == pytest.approx(dict(zip(selected.tolist(), seconds.tolist(), strict=True)))
 
 
 def test_round_finiteness_check_flags_exactly_the_clients_with_a_bad_delta():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -46,9 +44,9 @@ def test_oort_prefers_higher_utility_at_equal_speed_and_the_faster_at_equal_util
     selector.feedback(1, updates, durations)
     assert selector.preferred_s == 10.0  # median of the round times
     scores = selector.scores(np.arange(4), round_index=2)
-    # client 3 is 4x slower than T: penalty (10 / 40) ** 2
-    np.testing.assert_allclose(scores, [math.sqrt(10), 2 * math.sqrt(10), 3 * math.sqrt(10),
-                                        3 * math.sqrt(10) / 16])
+    # utilities sqrt(10) * (1, 2, 3, 3), scaled to [0, 1] over the explored clients (95th
+    # percentile: 3 sqrt(10)): 0, 0.5, 1, 1; client 3 is 4x slower than T: penalty (10/40) ** 2
+    np.testing.assert_allclose(scores, [0.0, 0.5, 1.0, 1 / 16])
     assert selector.select(2, 1).tolist() == [2]
     assert selector.select(3, 2).tolist() == [1, 2]
 
@@ -76,3 +74,16 @@ def test_oort_pacer_relaxes_t_when_utility_flattens():
     for round_index in range(1, 5):  # four rounds of equal utility: flat
         selector.feedback(round_index, [_update(0, 10, 10, 1.0)], {0: 1.0})
     assert selector.preferred_percentile == 35.0
+
+
+def test_oort_explores_fast_devices_first_once_their_times_are_known():
+    selector = _oort(exploration=1.0, min_exploration=1.0, preferred_percentile=0.0,
+                     max_participation=None)
+    # stragglers of an earlier round: times known, no update; client 3's time still unknown
+    selector.feedback(1, [], {0: 1.0, 1: 1.0, 2: 100.0})
+    assert selector.penalty(np.arange(4)).tolist() == [1.0, 1.0, 1e-4, 1.0]  # (1 / 100) ** 2
+    picks = np.concatenate([selector.select(r, 1) for r in range(2, 2002)])
+    share = np.bincount(picks, minlength=4) / picks.size
+    # drawn in proportion to the penalty: 1/3 each for 0, 1, 3; about 1/30000 for client 2
+    np.testing.assert_allclose(share[[0, 1, 3]], 1 / 3, atol=0.04)
+    assert share[2] < 0.002

@@ -34,7 +34,8 @@ class ClientSelector(ABC):
     def feedback(self, round_index: int, updates: list[ClientUpdate],
                  durations: dict[int, float] | None = None) -> None:
         """What the round's aggregated clients reported (loss, samples) and, with simulated
-        devices, how long each took (simulated seconds); ignored by default."""
+        devices, the simulated seconds of every selected client that stayed online (stragglers
+        too); ignored by default."""
         return
 
     def state_dict(self) -> dict:

@@ -21,14 +21,22 @@ class Oort(ClientSelector):
 
     Statistical utility, measured when a client reports: |B_i| * sqrt(mean of its samples'
     squared losses), over every sample it trained on that round. Score at round t:
-    utility + sqrt(staleness * ln(t) / last_round_i) (clients not seen for a while regain
-    priority), times (T / t_i) ** alpha when the client's round time t_i exceeds the preferred
-    duration T. Without a simulated clock (systems disabled) there is no penalty.
+    u_i + sqrt(staleness * ln(t) / last_round_i) (clients not seen for a while regain
+    priority), times the system penalty (T / t_i) ** alpha when the client's round time t_i
+    exceeds the preferred duration T. u_i is the utility scaled to [0, 1] over the explored
+    clients (clipped at the `utility_clip` percentile, as FedScale's Oort does), so the
+    staleness bonus weighs the same whatever the loss scale and client sizes. Unexplored
+    clients are drawn with probability proportional to their system penalty (1 while their
+    speed is unknown): exploration prefers fast devices too. Without a simulated clock
+    (systems disabled) there is no penalty.
 
     Args:
         exploration: initial share of the cohort given to never-selected clients (0.9).
         exploration_decay: `exploration` is multiplied by this every round (0.98).
-        min_exploration: floor of the exploration share (0.3).
+        min_exploration: floor of the exploration share (0.6; the paper's is 0.3). On per-user
+            CTR clients a new user is worth more than a revisit, whose own embedding rows
+            overfit: with 0.3 and no participation cap Oort plateaued ~0.04 AUC below random
+            selection (benchmarks/oort_vs_random.py, README).
         alpha: exponent of the system penalty (2.0).
         staleness: weight of the staleness bonus (0.1).
         cutoff: exploit among clients scoring at least `cutoff` times the k-th best score,
@@ -41,14 +49,17 @@ class Oort(ClientSelector):
             tightens T by as much.
         pacer_delta: percentile points per pacer move (5).
         max_participation: clients selected this many times are no longer selected
-            (blacklisted); None: no limit (None).
+            (blacklisted) while enough others are online; None: no limit (5). Without it the
+            largest clients (|B_i| scales utility) are exploited nearly every round.
+        utility_clip: percentile of the explored clients' utilities above which utility
+            counts as that percentile's (95).
     """
 
     def __init__(self, exploration: float = 0.9, exploration_decay: float = 0.98,
-                 min_exploration: float = 0.3, alpha: float = 2.0, staleness: float = 0.1,
+                 min_exploration: float = 0.6, alpha: float = 2.0, staleness: float = 0.1,
                  cutoff: float = 0.95, preferred_percentile: float = 30.0,
                  pacer_window: int = 20, pacer_delta: float = 5.0,
-                 max_participation: int | None = None) -> None:
+                 max_participation: int | None = 5, utility_clip: float = 95.0) -> None:
         for name, value in (("exploration", exploration), ("min_exploration", min_exploration),
                             ("cutoff", cutoff)):
             if not 0.0 <= value <= 1.0:
@@ -60,6 +71,7 @@ class Oort(ClientSelector):
         self.cutoff, self.preferred_percentile = cutoff, preferred_percentile
         self.pacer_window, self.pacer_delta = pacer_window, pacer_delta
         self.max_participation = max_participation
+        self.utility_clip = utility_clip
         self.window_utility: list[float] = []
 
     def bind(self, num_clients: int, seed: int) -> None:
@@ -84,7 +96,7 @@ class Oort(ClientSelector):
         share = max(self.exploration, self.min_exploration)
         explore = min(unexplored.size, max(k - explored.size, round(k * share)))
         chosen = [self._exploit(explored, k - explore, round_index),
-                  self.rng.choice(unexplored, size=explore, replace=False)]
+                  self._explore(unexplored, explore)]
         self.exploration *= self.exploration_decay
         picked = np.sort(np.concatenate(chosen)).astype(np.int64)
         self.times_selected[picked] += 1
@@ -94,13 +106,26 @@ class Oort(ClientSelector):
         """Utility + staleness bonus, times the system penalty for clients slower than T."""
         bonus = np.sqrt(self.staleness * math.log(max(round_index, 1))
                         / np.maximum(self.last_round[clients], 1))
-        score = self.utility[clients] + bonus
+        return (self._scaled_utility(clients) + bonus) * self.penalty(clients)
+
+    def penalty(self, clients: np.ndarray) -> np.ndarray:
+        """(T / t_i) ** alpha for clients slower than T, else 1 (also when t_i is unknown)."""
+        penalty = np.ones(len(clients))
         durations = self.duration[clients]
         preferred = self.preferred_s
         if preferred is not None:
             slow = np.isfinite(durations) & (durations > preferred)
-            score[slow] *= (preferred / durations[slow]) ** self.alpha
-        return score
+            penalty[slow] = (preferred / durations[slow]) ** self.alpha
+        return penalty
+
+    def _scaled_utility(self, clients: np.ndarray) -> np.ndarray:
+        seen = self.utility[self.last_round > 0]
+        if seen.size == 0:
+            return np.zeros(len(clients))
+        low, high = seen.min(), np.percentile(seen, self.utility_clip)
+        if high <= low:
+            return np.ones(len(clients))
+        return (np.minimum(self.utility[clients], high) - low) / (high - low)
 
     @property
     def preferred_s(self) -> float | None:
@@ -108,6 +133,12 @@ class Oort(ClientSelector):
         if not np.isfinite(self.duration).any():
             return None
         return float(np.nanpercentile(self.duration, self.preferred_percentile))
+
+    def _explore(self, unexplored: np.ndarray, count: int) -> np.ndarray:
+        if count <= 0:
+            return unexplored[:0]
+        weights = self.penalty(unexplored)
+        return self.rng.choice(unexplored, size=count, replace=False, p=weights / weights.sum())
 
     def _exploit(self, explored: np.ndarray, count: int, round_index: int) -> np.ndarray:
         if count <= 0 or explored.size == 0:
@@ -131,8 +162,8 @@ class Oort(ClientSelector):
             self.utility[update.client] = utility
             self.last_round[update.client] = round_index
             collected += utility
-            if durations is not None and update.client in durations:
-                self.duration[update.client] = durations[update.client]
+        for client, seconds in (durations or {}).items():
+            self.duration[client] = seconds
         self._pace(collected)
 
     def _pace(self, collected: float) -> None:
