@@ -7,6 +7,7 @@ an unknown key or a wrong type fails with its name before any work starts.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import sys
@@ -20,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from datamodules.base import CTRDataModule, DataError
 from fltoolkit.config import ConfigError, FederatedConfig
 from fltoolkit.reports.config import ReportConfig
+from fltoolkit.reports.record import RunRecordError
 from fltoolkit.reports.run_dir import RunDirectoryError
 from fltoolkit.systems.config import SystemsConfig
 from fltoolkit.systems.devices import DeviceError
@@ -32,6 +34,8 @@ USAGE = """usage: fltk COMMAND [options]
 commands:
   fit     train a model (federated or centralized) as an experiment YAML describes
           e.g. fltk fit --experiment experiments/taobao.yaml --model.embedding_dim 32
+  report  regenerate a run's plots and report: fltk report RUN_DIR
+          compare runs: fltk report RUN_DIR RUN_DIR [...] --out DIR
   help    this message; `fltk fit --help` lists every option of an experiment
 """
 
@@ -153,6 +157,26 @@ def fit(args: list[str]) -> Path:
     return run_fit(cli, experiment_name=name)
 
 
+def report(args: list[str]) -> Path:
+    """`fltk report`: one run's report, or a comparison of several in --out."""
+    from fltoolkit.reports.build import build_comparison, build_run_report
+
+    parser = argparse.ArgumentParser(prog="fltk report", exit_on_error=False,
+                                     description="Plots and report.md/report.html of runs.")
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="comparison directory (required with several runs)")
+    options = parser.parse_args(args)
+    if len(options.run_dirs) == 1 and options.out is None:
+        _, html = build_run_report(options.run_dirs[0])
+    elif options.out is None:
+        raise ConfigError("comparing several runs needs --out DIR")
+    else:
+        _, html = build_comparison(options.run_dirs, options.out)
+    log.info("report: %s", html)
+    return html
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("help", "-h", "--help"):
@@ -164,10 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         if command == "fit":
             fit(rest)
             return 0
+        if command == "report":
+            report(rest)
+            return 0
     except ArgumentError as error:
         print(f"fltk {command}: error: {condense_parse_error(str(error))}", file=sys.stderr)
         return 2
-    except (ConfigError, DataError, DeviceError, RunDirectoryError, FloatingPointError) as error:
+    except (ConfigError, DataError, DeviceError, RunDirectoryError, RunRecordError,
+            FloatingPointError) as error:
         print(f"fltk {command}: error: {error}", file=sys.stderr)
         return 2
     print(f"fltk: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

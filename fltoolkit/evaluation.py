@@ -9,14 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
+import polars as pl
 import torch
 from torch import Tensor
 
 from datamodules.clients import ClientTable
 from fltoolkit.model_parts import ModelParts
 from fltoolkit.privacy.local_tables import LocalTableStore
-from recsys.metrics import ctr_metrics
+from recsys.metrics import ctr_metrics, group_auc
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Pooled metrics, and per test client (raw id): test_rows and test_auc (null without both
+    a click and a non-click), for the per-client AUC distribution in reports."""
+
+    metrics: dict[str, float]
+    clients: pl.DataFrame
 
 
 @torch.no_grad()
@@ -32,7 +43,7 @@ def predict_logits(module: torch.nn.Module, table: ClientTable, batch_size: int,
 
 def evaluate(module: torch.nn.Module, parts: ModelParts, table: ClientTable, batch_size: int,
              train_clients: Tensor, local_tables: LocalTableStore | None = None
-             ) -> dict[str, float]:
+             ) -> Evaluation:
     """Metrics of the global model (with each client's local rows) on `table`.
 
     `train_clients` ([C] sorted raw client ids of the training table) maps a test row's client
@@ -44,7 +55,11 @@ def evaluate(module: torch.nn.Module, parts: ModelParts, table: ClientTable, bat
     else:
         with _client_rows_swapped(parts, table, groups, train_clients, local_tables) as sparse:
             logits = predict_logits(module, table, batch_size, sparse)
-    return ctr_metrics(logits, table.label, groups)
+    positions, rows, client_auc = group_auc(logits, table.label, groups)
+    clients = pl.DataFrame({"client": table.client_ids[positions].numpy(),
+                            "test_rows": rows.astype("int64"), "test_auc": client_auc},
+                           ).with_columns(pl.col("test_auc").fill_nan(None))
+    return Evaluation(ctr_metrics(logits, table.label, groups), clients)
 
 
 @contextmanager

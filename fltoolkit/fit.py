@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 
 from fltoolkit.loop import FederatedLoop
+from fltoolkit.reports.build import build_run_report
 from fltoolkit.reports.run_dir import RunDirectory, next_version
 
 log = logging.getLogger("fltk")
@@ -60,31 +61,41 @@ def run_fit(cli: Any, experiment_name: str) -> Path:
     run_dir = RunDirectory(config.run_dir or next_version(Path("runs") / experiment_name))
     run_dir.write_config(cli.parser.dump(config, skip_none=False))
     log.info("run directory: %s", run_dir.path)
+    report = cli.config_init["report"]
     started = time.perf_counter()
-    if loop is None:
-        final = _train_centrally(cli.trainer, model, datamodule, run_dir, started)
-        extra = {"mode": "centralized", "epochs": cli.trainer.current_epoch}
-    else:
-        loop.on_evaluation = lambda row: _record(run_dir, row)
-        loop.on_round = run_dir.append_round
-        final = _train_federated(loop, federated.rounds)
-        extra = {"mode": "federated", "strategy": loop.strategy.name,
-                 "strategy_hyperparameters": loop.strategy.hyperparameters(),
-                 "rounds": federated.rounds, "clients_per_round": federated.clients_per_round,
-                 "local_tables": list(loop.local_tables.initial) if loop.local_tables else [],
-                 "selector": type(loop.selector).__name__,
-                 **cli.config_init["report"].to_target(loop.history)}
+    try:
+        if loop is None:
+            final = _train_centrally(cli.trainer, model, datamodule, run_dir, started)
+            extra = {"mode": "centralized", "epochs": cli.trainer.current_epoch}
+            run_dir.save_model(model.state_dict())
+        else:
+            final = _train_federated(loop, federated.rounds, run_dir)
+            extra = {"mode": "federated", "strategy": loop.strategy.name,
+                     "strategy_hyperparameters": loop.strategy.hyperparameters(),
+                     "strategy_summary": loop.strategy.summary(),
+                     "rounds": federated.rounds,
+                     "clients_per_round": federated.clients_per_round,
+                     "local_tables": list(loop.local_tables.initial) if loop.local_tables else [],
+                     "selector": type(loop.selector).__name__,
+                     **report.to_target(loop.history)}
+            run_dir.save_model(loop.server_state_dict())
+    finally:
+        run_dir.close()
     info = datamodule.data.info
     summary = {
+        "experiment": experiment_name,
         **extra,
         **{k: final[k] for k in METRIC_KEYS},
         **{k: final[k] for k in FEDERATED_KEYS if k in final},
         **{k: info[k] for k in SUMMARY_INFO_KEYS if k in info},
+        **report.known_baselines(),
+        "model_parameters": sum(p.numel() for p in model.parameters()),
         "wall_time_s": round(time.perf_counter() - started, 3),
     }
     run_dir.write_summary(summary)
+    markdown, html = build_run_report(run_dir.path)
     log.info("final: auc %.4f (baseline %s, oracle %s) -> %s", summary["auc"],
-             _fmt(summary.get("baseline_auc")), _fmt(summary.get("oracle_auc")), run_dir.path)
+             _fmt(summary.get("baseline_auc")), _fmt(summary.get("oracle_auc")), html)
     return run_dir.path
 
 
@@ -95,7 +106,8 @@ def _train_centrally(trainer: L.Trainer, model: L.LightningModule, datamodule: A
     return model.last_metrics
 
 
-def _train_federated(loop: FederatedLoop, rounds: int) -> dict[str, Any]:
+def _train_federated(loop: FederatedLoop, rounds: int, run_dir: RunDirectory
+                     ) -> dict[str, Any]:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -105,15 +117,24 @@ def _train_federated(loop: FederatedLoop, rounds: int) -> dict[str, Any]:
         TimeRemainingColumn,
     )
 
+    def evaluated(row: dict[str, Any]) -> None:
+        _record(run_dir, row)
+        run_dir.write_clients(loop.client_report())
+
+    loop.on_evaluation = evaluated
+    loop.on_round = run_dir.append_round
     columns = [TextColumn("round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task("rounds", total=rounds, status="")
 
         def advance(round_index: int, row: dict[str, Any] | None) -> None:
-            status = f"auc {row['auc']:.4f}" if row else None
-            bar.update(task, completed=round_index,
-                       **({"status": status} if status else {}))
+            status = {}
+            if row:
+                simulated = (f" sim {row['sim_time_s'] / 60:.1f} min" if "sim_time_s" in row
+                             else "")
+                status = {"status": f"auc {row['auc']:.4f}{simulated}"}
+            bar.update(task, completed=round_index, **status)
 
         return loop.run(progress=advance)
 
@@ -122,8 +143,9 @@ def _record(run_dir: RunDirectory, row: dict[str, Any]) -> None:
     """One evaluation: a metrics.csv row and a log line (round = epoch when centralized)."""
     run_dir.append_metrics(row)
     seen = f" clients_seen {row['clients_seen']}" if "clients_seen" in row else ""
-    log.info("round %d: auc %.4f logloss %.4f gauc %.4f%s", row["round"], row["auc"],
-             row["logloss"], row["gauc"], seen)
+    simulated = f" sim_time {row['sim_time_s']:.0f} s" if "sim_time_s" in row else ""
+    log.info("round %d: auc %.4f logloss %.4f gauc %.4f%s%s", row["round"], row["auc"],
+             row["logloss"], row["gauc"], seen, simulated)
 
 
 def _fmt(value: float | None) -> str:

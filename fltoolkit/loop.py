@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import polars as pl
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
@@ -109,6 +110,8 @@ class FederatedLoop:
         self.policy = systems.policy if enabled else None
         self.sim_time_s = 0.0
         self.history: list[dict[str, Any]] = []
+        self.test_clients = pl.DataFrame(schema={"client": pl.Int64, "test_rows": pl.Int64,
+                                                 "test_auc": pl.Float64})
 
     def _local_table_names(self) -> list[str]:
         wanted = self.config.local_tables
@@ -150,9 +153,11 @@ class FederatedLoop:
         """One round; adds to `stats` and reports the round's own row to `on_round`."""
         before = replace(stats, losses=[])
         sim_before = self.sim_time_s
+        started = time.perf_counter()
         self._round(round_index, stats)
         row = {"round": round_index, **{key: getattr(stats, key) - getattr(before, key)
-                                        for key in ROUND_COUNTERS}}
+                                        for key in ROUND_COUNTERS},
+               "round_wall_s": round(time.perf_counter() - started, 4)}
         if self.population is not None:
             row.update(round_duration_s=round(self.sim_time_s - sim_before, 3),
                        sim_time_s=round(self.sim_time_s, 3))
@@ -238,13 +243,31 @@ class FederatedLoop:
         durations = dict(zip(selected[finished].tolist(), observed.tolist(), strict=True))
         return selected[outcome.kept].tolist(), durations
 
+    def server_state_dict(self) -> dict[str, torch.Tensor]:
+        """The module's state without client-local tables: what the server may keep."""
+        local = self.local_tables.initial if self.local_tables else {}
+        names = {id(p): name for name, p in self.module.named_parameters()}
+        excluded = {names[id(self.parts.tables[table].weight)] for table in local}
+        return {name: value for name, value in self.module.state_dict().items()
+                if name not in excluded}
+
+    def client_report(self) -> pl.DataFrame:
+        """Per training client: raw id, train_rows, participation (rounds aggregated) and, from
+        the last evaluation, test_rows and test_auc (null where it has no test rows)."""
+        train = self.data.train
+        frame = pl.DataFrame({"client": train.client_ids.numpy(),
+                              "train_rows": train.client_sizes().numpy(),
+                              "participation": self.participation})
+        return frame.join(self.test_clients, on="client", how="left")
+
     def _client_seed(self, round_index: int, client: int) -> int:
         """Independent of the order in which a round's clients are trained."""
         return int(np.random.SeedSequence([self.seed, round_index, client]).generate_state(1)[0])
 
     def _evaluate(self, round_index: int, stats: RoundStats, started: float) -> dict[str, Any]:
-        metrics = evaluate(self.module, self.parts, self.data.test, self.eval_batch_size,
-                           self.data.train.client_ids, self.local_tables)
+        result = evaluate(self.module, self.parts, self.data.test, self.eval_batch_size,
+                          self.data.train.client_ids, self.local_tables)
+        metrics, self.test_clients = result.metrics, result.clients
         row = {
             "round": round_index,
             "wall_time_s": round(time.perf_counter() - started, 3),

@@ -47,8 +47,21 @@ def calibration(logits: Tensor, labels: Tensor) -> float:
 def gauc(scores: Tensor, labels: Tensor, groups: Tensor) -> float:
     """Group AUC: per-user AUC weighted by the user's impressions (Zhou et al., DIN, KDD 2018).
 
-    Only users with both a click and a non-click count. Vectorised: one lexsort, average
-    ranks of ties within a user, and the rank-sum (Mann-Whitney) form of AUC per user.
+    Only users with both a click and a non-click count.
+    """
+    _, sizes, per_group = group_auc(scores, labels, groups)
+    valid = ~np.isnan(per_group)
+    if not valid.any():
+        return math.nan
+    return float((per_group[valid] * sizes[valid]).sum() / sizes[valid].sum())
+
+
+def group_auc(scores: Tensor, labels: Tensor, groups: Tensor
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(group ids, rows per group, AUC per group: NaN without both a click and a non-click).
+
+    Vectorised: one lexsort, average ranks of ties within a group, and the rank-sum
+    (Mann-Whitney) form of AUC per group.
     """
     s = scores.detach().double().numpy()
     y = labels.detach().double().numpy()
@@ -57,7 +70,7 @@ def gauc(scores: Tensor, labels: Tensor, groups: Tensor) -> float:
     s, y, g = s[order], y[order], g[order]
     n = len(s)
     if n == 0:
-        return math.nan
+        return g, np.zeros(0), np.zeros(0)
     position = np.arange(n)
     new_group = np.r_[True, g[1:] != g[:-1]]
     new_tie = new_group | np.r_[True, s[1:] != s[:-1]]
@@ -72,12 +85,10 @@ def gauc(scores: Tensor, labels: Tensor, groups: Tensor) -> float:
     sizes = np.bincount(group_of_row).astype(np.float64)
     negatives = sizes - positives
     positive_rank_sum = np.bincount(group_of_row, weights=rank_in_group * y)
-    valid = (positives > 0) & (negatives > 0)
-    if not valid.any():
-        return math.nan
-    per_group = (positive_rank_sum[valid] - positives[valid] * (positives[valid] + 1) / 2) / (
-        positives[valid] * negatives[valid])
-    return float((per_group * sizes[valid]).sum() / sizes[valid].sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_group = (positive_rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+    per_group[(positives == 0) | (negatives == 0)] = np.nan
+    return g[new_group], sizes, per_group
 
 
 def ctr_metrics(logits: Tensor, labels: Tensor, groups: Tensor | None = None) -> dict[str, float]:

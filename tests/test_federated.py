@@ -162,7 +162,7 @@ def test_local_rows_score_their_clients_test_rows(synthetic_data):
     with_local = evaluate(loop.module, loop.parts, data.test, 4096, data.train.client_ids,
                           loop.local_tables)
     server_only = evaluate(loop.module, loop.parts, data.test, 4096, data.train.client_ids)
-    assert with_local["logloss"] != server_only["logloss"]
+    assert with_local.metrics["logloss"] != server_only.metrics["logloss"]
 
 
 def test_federated_run_learns_and_is_deterministic(synthetic_data):

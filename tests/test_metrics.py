@@ -5,10 +5,19 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from recsys.metrics import auc, calibration, ctr_metrics, gauc, logloss, normalized_entropy
+from recsys.metrics import (
+    auc,
+    calibration,
+    ctr_metrics,
+    gauc,
+    group_auc,
+    logloss,
+    normalized_entropy,
+)
 
 
 def brute_force_auc(scores: list[float], labels: list[int]) -> float:
@@ -56,6 +65,9 @@ def test_gauc_hand_case_weights_users_by_impressions_and_skips_one_class_users()
     # user 7: AUC 1 (2 rows); user 3: positive 0.2 beats neither 0.5 nor 0.3 -> 0 (3 rows);
     # user 9 has clicks only and does not count.
     assert gauc(scores, labels, groups) == pytest.approx((1.0 * 2 + 0.0 * 3) / 5)
+    ids, sizes, per_user = group_auc(scores, labels, groups)
+    assert ids.tolist() == [3, 7, 9] and sizes.tolist() == [3, 2, 2]
+    np.testing.assert_allclose(per_user, [0.0, 1.0, np.nan])
 
 
 def test_gauc_matches_per_user_brute_force():

@@ -1,4 +1,5 @@
-"""RunDirectory: where one run writes its resolved config, metric history and summary.
+"""RunDirectory: where one run writes its resolved config, metric history, TensorBoard events,
+per-client table, final model and summary (plots and reports: `fltoolkit/reports/build.py`).
 
 An existing, non-empty run directory is never reused silently: a second run into it fails
 with the path named, so a finished experiment is not overwritten by a typo.
@@ -12,6 +13,11 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+
+import polars as pl
+import torch
+
+from fltoolkit.reports.tensorboard import TensorBoardLog
 
 METRIC_COLUMNS = ("round", "wall_time_s", "auc", "logloss", "ne", "gauc", "calibration")
 
@@ -47,7 +53,8 @@ class CsvLog:
 
 class RunDirectory:
     """Files of one run: config.yaml, metrics.csv (a row per evaluation), rounds.csv (a row
-    per federated round) and summary.json."""
+    per federated round), clients.csv (a row per training client, rewritten at each
+    evaluation), tensorboard/, checkpoints/final.pt (the server's model) and summary.json."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -56,8 +63,10 @@ class RunDirectory:
                 f"run_dir {self.path} already exists and is not empty; "
                 "choose another --run_dir (runs are never overwritten)")
         self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "checkpoints").mkdir()
         self.metrics = CsvLog(self.path / "metrics.csv", METRIC_COLUMNS)
         self.rounds = CsvLog(self.path / "rounds.csv", ("round",))
+        self.tensorboard = TensorBoardLog(self.path / "tensorboard")
 
     def write_config(self, text: str) -> None:
         _atomic_write(self.path / "config.yaml", text)
@@ -65,10 +74,29 @@ class RunDirectory:
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Append one evaluation (known metric columns first)."""
         self.metrics.append(row)
+        self.tensorboard.evaluation(row)
 
     def append_round(self, row: dict[str, Any]) -> None:
         """Append one federated round's bookkeeping (clients, bytes, simulated time)."""
         self.rounds.append(row)
+        self.tensorboard.round(row)
+
+    def write_clients(self, clients: pl.DataFrame) -> None:
+        """Replace clients.csv (atomically: an interrupted run keeps the previous one)."""
+        tmp = self.path / ".clients.csv.tmp"
+        clients.write_csv(tmp)
+        os.replace(tmp, self.path / "clients.csv")
+
+    def save_model(self, state: dict[str, torch.Tensor]) -> Path:
+        """checkpoints/final.pt: tensors only, so `torch.load(weights_only=True)` reads it."""
+        path = self.path / "checkpoints" / "final.pt"
+        tmp = path.with_name(".final.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def close(self) -> None:
+        self.tensorboard.close()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v)

@@ -1,0 +1,93 @@
+"""RunRecord: everything a run directory holds, read back for reports and comparisons.
+
+Reports are built from the files alone (never from a live run), so `fltk report` gives the same
+document as the end of `fltk fit`, and an interrupted run (no summary.json yet, a partial
+metrics.csv) still gets a report of what exists.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import yaml
+
+
+class RunRecordError(ValueError):
+    """A directory that is not a run directory (no metrics.csv and no summary.json)."""
+
+
+@dataclass
+class RunRecord:
+    """One run's files. Missing files are empty frames / dicts, never errors.
+
+    Attributes:
+        path: the run directory.
+        config: config.yaml, parsed ({} if absent).
+        summary: summary.json ({} while the run has not finished).
+        evaluations: metrics.csv, a row per evaluation (round = epoch when centralized).
+        rounds: rounds.csv, a row per federated round (empty for centralized runs).
+        clients: clients.csv, a row per training client at the last evaluation (federated).
+    """
+
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    evaluations: pl.DataFrame = field(default_factory=pl.DataFrame)
+    rounds: pl.DataFrame = field(default_factory=pl.DataFrame)
+    clients: pl.DataFrame = field(default_factory=pl.DataFrame)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunRecord:
+        path = Path(path)
+        if not (path / "metrics.csv").exists() and not (path / "summary.json").exists():
+            raise RunRecordError(f"{path}: not a run directory (no metrics.csv or summary.json)")
+        return cls(path=path, config=_yaml(path / "config.yaml"),
+                   summary=_json(path / "summary.json"),
+                   evaluations=_csv(path / "metrics.csv"), rounds=_csv(path / "rounds.csv"),
+                   clients=_csv(path / "clients.csv"))
+
+    @property
+    def name(self) -> str:
+        """A short label: `<parent>/<dir>` (e.g. taobao/version_3)."""
+        return f"{self.path.parent.name}/{self.path.name}"
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.summary)
+
+    @property
+    def federated(self) -> bool:
+        return self.summary.get("mode", "federated" if self.rounds.height else "") == "federated"
+
+    @property
+    def has_sim_time(self) -> bool:
+        return "sim_time_s" in self.evaluations.columns
+
+    def final(self) -> dict[str, Any]:
+        """The final metrics: summary.json's, else the last evaluation's ({} if none)."""
+        if self.summary:
+            return self.summary
+        return self.evaluations.row(-1, named=True) if self.evaluations.height else {}
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
+def _json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:  # written atomically, so only a foreign file gets here
+        raise RunRecordError(f"{path}: not valid JSON") from None
+
+
+def _csv(path: Path) -> pl.DataFrame:
+    if not path.exists() or path.stat().st_size == 0:
+        return pl.DataFrame()
+    return pl.read_csv(path, infer_schema_length=None)

@@ -1,0 +1,45 @@
+"""TensorBoard curves of a run (`tensorboard --logdir runs`), beside the CSV files.
+
+Evaluations are logged against the round (the epoch when centralized) under `eval/`, and
+again against simulated seconds under `eval_vs_sim_time/` when devices are simulated;
+per-round bookkeeping (bytes, clients, durations) goes under `round/`.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+
+EVALUATION_SCALARS = ("auc", "logloss", "ne", "gauc", "calibration", "train_loss",
+                      "clients_seen")
+ROUND_SCALARS = ("aggregated", "rejected", "dropped", "stragglers", "bytes_up", "bytes_down",
+                 "round_duration_s", "round_wall_s")
+
+
+class TensorBoardLog:
+    """Writes event files under `<run_dir>/tensorboard`."""
+
+    def __init__(self, path: Path) -> None:
+        self.writer = SummaryWriter(log_dir=str(path))
+
+    def evaluation(self, row: dict[str, Any]) -> None:
+        self._scalars("eval", row, EVALUATION_SCALARS, row["round"])
+        if "sim_time_s" in row:
+            self._scalars("eval_vs_sim_time", row, ("auc", "logloss"), round(row["sim_time_s"]))
+
+    def round(self, row: dict[str, Any]) -> None:
+        self._scalars("round", row, ROUND_SCALARS, row["round"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def _scalars(self, group: str, row: dict[str, Any], keys: tuple[str, ...],
+                 step: int) -> None:
+        for key in keys:
+            value = row.get(key)
+            if isinstance(value, Real) and math.isfinite(value):
+                self.writer.add_scalar(f"{group}/{key}", value, step)

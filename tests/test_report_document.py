@@ -1,0 +1,133 @@
+"""Run reports and comparisons: both formats say the same, and the HTML stands alone."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fltoolkit.reports.document import write_comparison, write_run_report
+from fltoolkit.reports.record import RunRecord
+
+METRICS_CSV = """round,wall_time_s,auc,logloss,ne,gauc,calibration,sim_time_s
+25,5.0,0.61234,0.19,1.0,0.55,1.4,57.5
+50,10.0,0.65432,0.18,0.95,0.60,1.2,105.4
+"""
+CONFIG = {
+    "model": {"class_path": "recsys.module.CTRModule",
+              "init_args": {"embedding_dim": 16,
+                            "dense_optimizer": {"class_path": "torch.optim.SGD",
+                                                "init_args": {"lr": 0.3}}}},
+    "federated": {"enabled": True, "rounds": 50, "clients_per_round": 4},
+    "systems": {"enabled": False, "over_commit": 1.3},
+    "data": {"class_path": "datamodules.synthetic.SyntheticDataModule",
+             "init_args": {"num_rows": 200000}},
+}
+SUMMARY = {"mode": "federated", "strategy": "FedAvg", "selector": "Oort", "rounds": 50,
+           "strategy_hyperparameters": {"server_lr": 1.0},
+           "strategy_summary": "FedAvg\n  server_lr: 1.0", "model_parameters": 1234567,
+           "auc": 0.7365, "logloss": 0.18, "ne": 0.95, "gauc": 0.6, "calibration": 1.2,
+           "bytes_up_total": 1396103880, "sim_time_s": 105.44, "rounds_to_target": None,
+           "oracle_auc": 0.8258, "baseline_auc": 0.6164, "num_train": 174793}
+
+
+@dataclass
+class Plot:
+    title: str
+    path: Path
+
+
+def png_bytes() -> bytes:
+    """A valid 1x1 grey PNG, built by hand so the test needs no plotting library."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00\x80")) + chunk(b"IEND", b""))
+
+
+def make_run(root: Path, name: str, summary: dict | None) -> tuple[RunRecord, Plot]:
+    run = root / "exp" / name
+    (run / "plots").mkdir(parents=True)
+    (run / "metrics.csv").write_text(METRICS_CSV)
+    (run / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps(summary))
+    plot = Plot("AUC <vs> round", run / "plots" / "quality_vs_round.png")
+    plot.path.write_bytes(png_bytes())
+    return RunRecord.load(run), plot
+
+
+@pytest.fixture
+def finished(tmp_path: Path) -> tuple[RunRecord, Plot]:
+    return make_run(tmp_path, "finished", SUMMARY)
+
+
+def assert_self_contained(page: str) -> None:
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert sources and all(src.startswith("data:image/png;base64,") for src in sources)
+
+
+def test_run_report_html_is_self_contained_and_embeds_the_plot(finished):
+    record, plot = finished
+    markdown, page = write_run_report(record, [plot])
+    assert (markdown, page) == (record.path / "report.md", record.path / "report.html")
+    text = page.read_text()
+    assert_self_contained(text)
+    assert base64.b64encode(png_bytes()).decode() in text
+    assert "<figcaption>AUC &lt;vs&gt; round</figcaption>" in text
+    assert "<td>auc</td><td>0.7365</td>" in text
+    assert "<title>exp/finished (finished)</title>" in text
+
+
+def test_run_report_markdown_links_the_plot_and_lists_what_ran(finished):
+    record, plot = finished
+    text = write_run_report(record, [plot])[0].read_text()
+    assert text.startswith("# exp/finished (finished)\n")
+    assert "![AUC <vs> round](plots/quality_vs_round.png)" in text
+    assert "| auc | 0.7365 |" in text
+    for row in ("| strategy.server_lr | 1.0 |", "| model_parameters | 1,234,567 |",
+                "| num_train | 174,793 |", "| bytes_up_total | 1,396.1 MB |",
+                "| sim_time_s | 105.4 s |", "| rounds_to_target | not reached |",
+                "| dense_optimizer | torch.optim.SGD |", "| dense_optimizer.lr | 0.3 |",
+                "| num_rows | 200,000 |"):
+        assert row in text
+    assert "```\nFedAvg\n  server_lr: 1.0\n```" in text
+    assert "oracle AUC 0.8258 (planted model); this run is 0.0893 below it" in text
+    assert "popularity baseline AUC 0.6164" in text
+    assert "over_commit" not in text  # systems is disabled: only that is said
+
+
+def test_interrupted_run_reports_the_last_evaluation(tmp_path):
+    record, plot = make_run(tmp_path, "cut", summary=None)
+    markdown, page = write_run_report(record, [plot])
+    for text in (markdown.read_text(), page.read_text()):
+        assert "interrupted: last evaluation at round 50" in text
+        assert "0.6543" in text
+    assert "## What ran" not in markdown.read_text()  # no summary: nothing claimed about it
+    assert "| enabled | true |" in markdown.read_text()  # but the config is still shown
+
+
+def test_comparison_is_one_table_with_every_run(tmp_path):
+    first, plot = make_run(tmp_path, "first", SUMMARY)
+    second, _ = make_run(tmp_path, "second", summary=None)
+    out = tmp_path / "compare"
+    markdown, page = write_comparison([first, second], [plot], out)
+    assert (markdown, page) == (out / "comparison.md", out / "comparison.html")
+    html_text = page.read_text()
+    assert_self_contained(html_text)
+    assert html_text.count("<table>") == 1
+    table = [line for line in markdown.read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 4  # header, separator, one row per run
+    assert "exp/first" in table[2] and "0.7365" in table[2]
+    assert "exp/second (interrupted" in table[3] and "0.6543" in table[3]
+    assert "](../exp/first/plots/quality_vs_round.png)" in markdown.read_text()

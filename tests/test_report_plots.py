@@ -1,0 +1,125 @@
+"""Run plots from hand-written run directories: which PNGs exist for which run, and that they are
+real images of the intended size."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from fltoolkit.reports.plots import Plot, write_comparison_plots, write_run_plots
+from fltoolkit.reports.record import RunRecord
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ONE_PANEL = (800, 450)
+TWO_PANELS = (800, 550)
+
+FEDERATED_METRICS = """round,wall_time_s,auc,logloss,sim_time_s
+2,1.0,0.55,0.30,400.0
+4,2.0,0.61,0.27,800.0
+6,3.0,0.66,0.25,1200.0
+"""
+ROUNDS = """round,bytes_up,bytes_down,{duration}
+1,2000000,2100000,2.5
+2,2200000,2300000,3.5
+3,2100000,2200000,1.5
+4,2300000,2400000,4.0
+"""
+# Client 3 has no AUC (only clicks or only non-clicks in its test rows) and client 4 an empty one.
+CLIENTS = """client,train_rows,participation,test_rows,test_auc
+1,10,2,3,0.7
+2,5,0,2,0.4
+3,8,1,1,NaN
+4,4,0,0,
+"""
+# Stopped before summary.json, without a simulated clock; the last evaluation has no AUC.
+INTERRUPTED_METRICS = """round,wall_time_s,auc,logloss
+2,1.0,0.55,0.30
+4,2.0,0.61,0.27
+6,3.0,,0.25
+"""
+CENTRAL_METRICS = """round,wall_time_s,auc,logloss
+1,5.0,0.70,0.20
+2,10.0,0.74,0.19
+"""
+
+
+def _run_dir(path: Path, metrics: str, summary: dict | None = None, rounds: str | None = None,
+             clients: str | None = None) -> RunRecord:
+    path.mkdir(parents=True)
+    (path / "metrics.csv").write_text(metrics)
+    for name, text in (("rounds.csv", rounds), ("clients.csv", clients)):
+        if text is not None:
+            (path / name).write_text(text)
+    if summary is not None:
+        (path / "summary.json").write_text(json.dumps(summary))
+    return RunRecord.load(path)
+
+
+def _federated(path: Path) -> RunRecord:
+    return _run_dir(path, FEDERATED_METRICS,
+                    {"mode": "federated", "auc": 0.66, "oracle_auc": 0.8, "baseline_auc": 0.6,
+                     "centralized_auc": 0.74},
+                    ROUNDS.format(duration="round_duration_s"), CLIENTS)
+
+
+def _central(path: Path) -> RunRecord:
+    return _run_dir(path, CENTRAL_METRICS, {"mode": "centralized", "auc": 0.74,
+                                            "oracle_auc": 0.8})
+
+
+def _assert_png(path: Path, size: tuple[int, int]) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5_000
+    assert struct.unpack(">II", data[16:24]) == size  # IHDR width, height
+
+
+def _names(plots: list[Plot]) -> list[str]:
+    return [plot.path.name for plot in plots]
+
+
+def test_federated_run_with_sim_time_gets_all_six_plots(tmp_path):
+    out = tmp_path / "report" / "plots"  # created, parents included
+    plots = write_run_plots(_federated(tmp_path / "runs" / "fed"), out)
+    assert _names(plots) == ["quality_vs_round.png", "quality_vs_time.png", "client_auc.png",
+                             "participation.png", "bytes_per_round.png", "round_duration.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(_names(plots))
+    for plot in plots:
+        assert plot.title and plot.path.parent == out
+        _assert_png(plot.path, TWO_PANELS if plot.path.name.startswith("quality") else ONE_PANEL)
+    titles = {plot.path.name: plot.title for plot in plots}
+    assert "2 of 4 clients have an AUC" in titles["client_auc.png"]
+    assert "2 of 4 clients never took part" in titles["participation.png"]
+    assert "simulated" in titles["round_duration.png"]
+
+
+def test_centralized_run_gets_only_quality_vs_round(tmp_path):
+    out = tmp_path / "plots"
+    plots = write_run_plots(_central(tmp_path / "runs" / "central"), out)
+    assert _names(plots) == ["quality_vs_round.png"]
+    assert plots[0].title == "AUC and logloss vs epoch"
+    assert [p.name for p in out.iterdir()] == ["quality_vs_round.png"]
+    _assert_png(plots[0].path, TWO_PANELS)
+
+
+def test_interrupted_run_without_summary_plots_what_exists(tmp_path):
+    record = _run_dir(tmp_path / "runs" / "cut", INTERRUPTED_METRICS,
+                      rounds=ROUNDS.format(duration="round_wall_s"), clients=CLIENTS)
+    assert not record.finished
+    plots = write_run_plots(record, tmp_path / "plots")
+    assert _names(plots) == ["quality_vs_round.png", "client_auc.png", "participation.png",
+                             "bytes_per_round.png", "round_duration.png"]
+    assert "wall-clock" in plots[-1].title
+    for plot in plots:
+        _assert_png(plot.path, TWO_PANELS if plot.path.name.startswith("quality") else ONE_PANEL)
+
+
+def test_comparison_overlays_runs_and_adds_time_when_one_run_has_it(tmp_path):
+    fed, central = _federated(tmp_path / "runs" / "fed"), _central(tmp_path / "runs" / "central")
+    plots = write_comparison_plots([fed, central], tmp_path / "both")
+    assert _names(plots) == ["compare_auc_vs_round.png", "compare_logloss_vs_round.png",
+                             "compare_auc_vs_time.png"]
+    for plot in plots:
+        _assert_png(plot.path, ONE_PANEL)
+    without_time = write_comparison_plots([central, central], tmp_path / "central_only")
+    assert _names(without_time) == ["compare_auc_vs_round.png", "compare_logloss_vs_round.png"]
