@@ -1,31 +1,16 @@
-"""`fltk`: the command line. `fltk fit --experiment X.yaml [--key.sub value ...]`.
-
-Built on LightningCLI: the experiment YAML is the serialization of the datamodule's and the
-module's constructor signatures (class_path + init_args) plus fltk's own typed sections, so
-an unknown key or a wrong type fails with its name before any work starts.
+"""`fltk`: the command line. `fltk fit --experiment X.yaml [--key.sub value ...]` trains (see
+`fit_cli.py`); `fltk report RUN_DIR ...` rebuilds reports. Each command imports what it needs
+only when run, so `fltk report` and `fltk help` do not pay for torch and Lightning.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import warnings
-from argparse import ArgumentError
+from collections.abc import Callable
 from pathlib import Path
-
-from jsonargparse import ActionConfigFile
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from datamodules.base import CTRDataModule, DataError
-from fltoolkit.config import ConfigError, FederatedConfig
-from fltoolkit.reports.config import ReportConfig
-from fltoolkit.reports.record import RunRecordError
-from fltoolkit.reports.run_dir import RunDirectoryError
-from fltoolkit.systems.config import SystemsConfig
-from fltoolkit.systems.devices import DeviceError
-from recsys.module import CTRModule
 
 log = logging.getLogger("fltk")
 
@@ -39,98 +24,9 @@ commands:
   help    this message; `fltk fit --help` lists every option of an experiment
 """
 
-TRAINER_DEFAULTS = {
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_model_summary": False,
-    "num_sanity_val_steps": 0,
-    "max_epochs": 3,
-    "accelerator": "cpu",
-    "devices": 1,
-}
 
-
-class FltkCLI(LightningCLI):
-    """LightningCLI with `--experiment` as the config file and fltk's own sections."""
-
-    def __init__(self, args: list[str]) -> None:
-        super().__init__(
-            model_class=CTRModule,
-            datamodule_class=CTRDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=None,
-            trainer_defaults=TRAINER_DEFAULTS,
-            args=args,
-            run=False,
-            auto_configure_optimizers=False,
-            parser_kwargs={"prog": "fltk fit", "default_env": False, "exit_on_error": False},
-        )
-
-    def init_parser(self, **kwargs) -> LightningArgumentParser:
-        parser = self.parser_class(**kwargs)
-        parser.add_argument("--experiment", "-c", "--config", action=ActionConfigFile,
-                            help="Experiment YAML (the config file; later options override it).")
-        return parser
-
-    def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--seed", type=int, default=0,
-                            help="One seed for data generation, batch order and initialization.")
-        parser.add_argument("--num_threads", type=int, default=1,
-                            help="torch intra-op threads. CTR batches are small: a second thread "
-                                 "gains little and OpenMP spin-waits collapse when cores are "
-                                 "shared.")
-        parser.add_argument("--run_dir", type=str | None, default=None,
-                            help="Run directory (default runs/<experiment>/version_N); "
-                                 "must not exist or be empty.")
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_class_arguments(FederatedConfig, "federated")
-        parser.add_class_arguments(SystemsConfig, "systems")
-        parser.add_class_arguments(ReportConfig, "report")
-        parser.link_arguments("seed", "data.init_args.seed")
-
-    def instantiate_classes(self) -> None:
-        """Constructors validate their arguments; report their ValueErrors as config errors."""
-        try:
-            super().instantiate_classes()
-        except ValueError as error:
-            raise ConfigError(constructor_error(str(error))) from error
-
-    def _set_seed(self) -> None:
-        import torch
-        from lightning.pytorch import seed_everything
-
-        torch.set_num_threads(self.config["num_threads"])
-        seed_everything(self.config["seed"], workers=True, verbose=False)
-
-
-def condense_parse_error(message: str) -> str:
-    """jsonargparse's nested, multi-line parse errors as one line naming the dotted key."""
-    keys = re.findall(r'Parser key "([^"]+)"', message)
-    unknown = re.search(r"Option '([^']+)' is not accepted", message)
-    if unknown:
-        owner = re.search(r"given class_path '([^']+)'", message)
-        where = f" (not an argument of {owner.group(1)})" if owner else ""
-        return f"unknown key {'.'.join([*keys, unknown.group(1)])}{where}"
-    unrecognized = re.match(r"unrecognized arguments: --(\S+)", message)
-    if unrecognized:
-        return f"unknown key {unrecognized.group(1)}"
-    expected = re.search(r"Expected a <class '([\w.]+)'>\. Got value: (.*)", message)
-    if expected and keys:
-        return f"{'.'.join(keys)}: expected {expected.group(1)}, got {expected.group(2)}"
-    lines = [re.sub(r'^Parser key "[^"]+":\s*', "", line.strip()) for line in message.splitlines()]
-    reasons = [line for line in lines if line]
-    if keys and reasons:
-        return f"{'.'.join(keys)}: {reasons[0]}"
-    return reasons[0] if reasons else message
-
-
-def constructor_error(message: str) -> str:
-    """The constructor's own message out of jsonargparse's 'does not validate' report."""
-    reasons = [line.strip()[2:] for line in message.splitlines()
-               if line.strip().startswith("- ") and "NoneType" not in line]
-    return reasons[0] if reasons else message.splitlines()[0]
+class UsageError(ValueError):
+    """A command line that cannot work (e.g. several runs to compare and no --out)."""
 
 
 def _configure_logging() -> None:
@@ -147,16 +43,6 @@ def _configure_logging() -> None:
         warnings.filterwarnings("ignore", message=f".*{message}.*")
 
 
-def fit(args: list[str]) -> Path:
-    """Parse, validate and run one experiment; returns its run directory."""
-    from fltoolkit.fit import run_fit
-
-    cli = FltkCLI(args)
-    config_name = cli.config.get("experiment") or cli.config.get("config")
-    name = Path(str(config_name[0])).stem if config_name else "experiment"
-    return run_fit(cli, experiment_name=name)
-
-
 def report(args: list[str]) -> Path:
     """`fltk report`: one run's report, or a comparison of several in --out."""
     from fltoolkit.reports.build import build_comparison, build_run_report
@@ -170,7 +56,7 @@ def report(args: list[str]) -> Path:
     if len(options.run_dirs) == 1 and options.out is None:
         _, html = build_run_report(options.run_dirs[0])
     elif options.out is None:
-        raise ConfigError("comparing several runs needs --out DIR")
+        raise UsageError("comparing several runs needs --out DIR")
     else:
         _, html = build_comparison(options.run_dirs, options.out)
     log.info("report: %s", html)
@@ -183,23 +69,30 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command not in ("fit", "report"):
+        print(f"fltk: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
     _configure_logging()
+    if command == "fit":
+        from fltoolkit.fit_cli import FIT_ERRORS, error_message, fit
+
+        return _run(lambda: fit(rest), (argparse.ArgumentError, *FIT_ERRORS), error_message,
+                    command)
+    from fltoolkit.reports.record import RunRecordError
+
+    return _run(lambda: report(rest), (argparse.ArgumentError, UsageError, RunRecordError), str,
+                command)
+
+
+def _run(action: Callable[[], object], user_errors: tuple[type[Exception], ...],
+         message: Callable[[Exception], str], command: str) -> int:
+    """Run a command; a user error becomes one line on stderr and exit code 2."""
     try:
-        if command == "fit":
-            fit(rest)
-            return 0
-        if command == "report":
-            report(rest)
-            return 0
-    except ArgumentError as error:
-        print(f"fltk {command}: error: {condense_parse_error(str(error))}", file=sys.stderr)
+        action()
+    except user_errors as error:
+        print(f"fltk {command}: error: {message(error)}", file=sys.stderr)
         return 2
-    except (ConfigError, DataError, DeviceError, RunDirectoryError, RunRecordError,
-            FloatingPointError) as error:
-        print(f"fltk {command}: error: {error}", file=sys.stderr)
-        return 2
-    print(f"fltk: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fltoolkit.cli import main
 from fltoolkit.reports.screenshot import find_chromium, screenshot
@@ -49,7 +50,10 @@ def test_a_two_round_run_leaves_every_file(runs):
     for name in ("config.yaml", "metrics.csv", "rounds.csv", "clients.csv", "summary.json",
                  "report.md", "report.html", "checkpoints/final.pt"):
         assert (run / name).is_file(), name
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()  # what `tensorboard --logdir` reads
+    assert [e.step for e in events.Scalars("eval/auc")] == [1, 2]
+    assert {"eval_vs_sim_time/auc", "round/bytes_up"} <= set(events.Tags()["scalars"])
     assert {p.name for p in (run / "plots").glob("*.png")} == PLOTS
     clients = pl.read_csv(run / "clients.csv")
     summary = json.loads((run / "summary.json").read_text())

@@ -1,5 +1,1 @@
-"""Run directories and the files a run leaves behind (config, metrics, summary)."""
-
-from fltoolkit.reports.run_dir import RunDirectory
-
-__all__ = ["RunDirectory"]
+"""Run directories, their records, plots and reports (see each module)."""

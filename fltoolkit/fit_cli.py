@@ -1,0 +1,137 @@
+"""`fltk fit`'s parser: LightningCLI over the experiment YAML, and its error messages.
+
+The experiment YAML is the serialization of the datamodule's and the module's constructor
+signatures (class_path + init_args) plus fltk's own typed sections, so an unknown key or a
+wrong type fails with its name before any work starts. Kept apart from `cli.py` because
+importing Lightning, TorchRec and torch takes seconds that `fltk report` does not need.
+"""
+
+from __future__ import annotations
+
+import re
+from argparse import ArgumentError
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from datamodules.base import CTRDataModule, DataError
+from fltoolkit.config import ConfigError, FederatedConfig
+from fltoolkit.reports.config import ReportConfig
+from fltoolkit.reports.run_dir import RunDirectoryError
+from fltoolkit.systems.config import SystemsConfig
+from fltoolkit.systems.devices import DeviceError
+from recsys.module import CTRModule
+
+# user errors: reported as one line, never as a traceback
+FIT_ERRORS = (ConfigError, DataError, DeviceError, RunDirectoryError, FloatingPointError)
+
+TRAINER_DEFAULTS = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "max_epochs": 3,
+    "accelerator": "cpu",
+    "devices": 1,
+}
+
+
+class FltkCLI(LightningCLI):
+    """LightningCLI with `--experiment` as the config file and fltk's own sections."""
+
+    def __init__(self, args: list[str]) -> None:
+        super().__init__(
+            model_class=CTRModule,
+            datamodule_class=CTRDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=None,
+            trainer_defaults=TRAINER_DEFAULTS,
+            args=args,
+            run=False,
+            auto_configure_optimizers=False,
+            parser_kwargs={"prog": "fltk fit", "default_env": False, "exit_on_error": False},
+        )
+
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        parser = self.parser_class(**kwargs)
+        parser.add_argument("--experiment", "-c", "--config", action=ActionConfigFile,
+                            help="Experiment YAML (the config file; later options override it).")
+        return parser
+
+    def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--seed", type=int, default=0,
+                            help="One seed for data generation, batch order and initialization.")
+        parser.add_argument("--num_threads", type=int, default=1,
+                            help="torch intra-op threads. CTR batches are small: a second thread "
+                                 "gains little and OpenMP spin-waits collapse when cores are "
+                                 "shared.")
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="Run directory (default runs/<experiment>/version_N); "
+                                 "must not exist or be empty.")
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(FederatedConfig, "federated")
+        parser.add_class_arguments(SystemsConfig, "systems")
+        parser.add_class_arguments(ReportConfig, "report")
+        parser.link_arguments("seed", "data.init_args.seed")
+
+    def instantiate_classes(self) -> None:
+        """Constructors validate their arguments; report their ValueErrors as config errors."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            raise ConfigError(constructor_error(str(error))) from error
+
+    def _set_seed(self) -> None:
+        import torch
+        from lightning.pytorch import seed_everything
+
+        torch.set_num_threads(self.config["num_threads"])
+        seed_everything(self.config["seed"], workers=True, verbose=False)
+
+
+def condense_parse_error(message: str) -> str:
+    """jsonargparse's nested, multi-line parse errors as one line naming the dotted key."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    unknown = re.search(r"Option '([^']+)' is not accepted", message)
+    if unknown:
+        owner = re.search(r"given class_path '([^']+)'", message)
+        where = f" (not an argument of {owner.group(1)})" if owner else ""
+        return f"unknown key {'.'.join([*keys, unknown.group(1)])}{where}"
+    unrecognized = re.match(r"unrecognized arguments: --(\S+)", message)
+    if unrecognized:
+        return f"unknown key {unrecognized.group(1)}"
+    expected = re.search(r"Expected a <class '([\w.]+)'>\. Got value: (.*)", message)
+    if expected and keys:
+        return f"{'.'.join(keys)}: expected {expected.group(1)}, got {expected.group(2)}"
+    lines = [re.sub(r'^Parser key "[^"]+":\s*', "", line.strip()) for line in message.splitlines()]
+    reasons = [line for line in lines if line]
+    if keys and reasons:
+        return f"{'.'.join(keys)}: {reasons[0]}"
+    return reasons[0] if reasons else message
+
+
+def constructor_error(message: str) -> str:
+    """The constructor's own message out of jsonargparse's 'does not validate' report."""
+    reasons = [line.strip()[2:] for line in message.splitlines()
+               if line.strip().startswith("- ") and "NoneType" not in line]
+    return reasons[0] if reasons else message.splitlines()[0]
+
+
+def fit(args: list[str]) -> Path:
+    """Parse, validate and run one experiment; returns its run directory."""
+    from fltoolkit.fit import run_fit
+
+    cli = FltkCLI(args)
+    config_name = cli.config.get("experiment") or cli.config.get("config")
+    name = Path(str(config_name[0])).stem if config_name else "experiment"
+    return run_fit(cli, experiment_name=name)
+
+
+def error_message(error: Exception) -> str:
+    """The one line shown for a user error of `fltk fit`."""
+    if isinstance(error, ArgumentError):
+        return condense_parse_error(str(error))
+    return str(error)
