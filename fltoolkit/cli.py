@@ -91,7 +91,7 @@ def _run(action: Callable[[], object], user_errors: tuple[type[Exception], ...],
         action()
     except user_errors as error:
         print(f"fltk {command}: error: {message(error)}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_code", 2)
     return 0
 
 

@@ -39,6 +39,9 @@ class FederatedConfig:
             clients seen.
         eval_interval: evaluate the global model on the test split every this many rounds
             (and after the last round).
+        checkpoint_interval: write a checkpoint (`checkpoints/round_N.pt`) every this many
+            rounds and after the last; `fltk fit --resume RUN_DIR` continues from the newest.
+        keep_last: checkpoints kept on disk (older ones are deleted).
     """
 
     def __init__(
@@ -54,9 +57,13 @@ class FederatedConfig:
         local_tables: list[str] | Literal["all"] | None = None,
         keep_optimizer_state: bool = False,
         eval_interval: int = 100,
+        checkpoint_interval: int = 100,
+        keep_last: int = 2,
     ) -> None:
         for key, value in (("rounds", rounds), ("clients_per_round", clients_per_round),
-                           ("batch_size", batch_size), ("eval_interval", eval_interval)):
+                           ("batch_size", batch_size), ("eval_interval", eval_interval),
+                           ("checkpoint_interval", checkpoint_interval),
+                           ("keep_last", keep_last)):
             if value < 1:
                 raise ValueError(f"federated.{key} must be >= 1, got {value}")
         if (local_epochs is None) == (local_steps is None):
@@ -74,3 +81,5 @@ class FederatedConfig:
         self.local_tables = local_tables or []
         self.keep_optimizer_state = keep_optimizer_state
         self.eval_interval = eval_interval
+        self.checkpoint_interval = checkpoint_interval
+        self.keep_last = keep_last

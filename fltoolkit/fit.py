@@ -10,9 +10,12 @@ from typing import Any
 
 import lightning as L
 
-from fltoolkit.loop import FederatedLoop
+from fltoolkit.checkpoint import load_latest, save_checkpoint
+from fltoolkit.config import ConfigError
+from fltoolkit.loop import FederatedLoop, RunInterrupted
 from fltoolkit.reports.build import build_run_report
 from fltoolkit.reports.run_dir import RunDirectory, next_version
+from fltoolkit.resume import check_same_experiment, resume_directory, stop_on_signals
 
 log = logging.getLogger("fltk")
 
@@ -58,8 +61,12 @@ def run_fit(cli: Any, experiment_name: str) -> Path:
                              eval_batch_size=datamodule.eval_batch_size,
                              systems=cli.config_init["systems"])
 
-    run_dir = RunDirectory(config.run_dir or next_version(Path("runs") / experiment_name))
-    run_dir.write_config(cli.parser.dump(config, skip_none=False))
+    resolved = cli.parser.dump(config, skip_none=False)
+    if config.resume:
+        run_dir = _resumed(config.resume, experiment_name, resolved, loop)
+    else:
+        run_dir = RunDirectory(config.run_dir or next_version(Path("runs") / experiment_name))
+        run_dir.write_config(resolved)
     log.info("run directory: %s", run_dir.path)
     report = cli.config_init["report"]
     started = time.perf_counter()
@@ -69,7 +76,15 @@ def run_fit(cli: Any, experiment_name: str) -> Path:
             extra = {"mode": "centralized", "epochs": cli.trainer.current_epoch}
             run_dir.save_model(model.state_dict())
         else:
-            final = _train_federated(loop, federated.rounds, run_dir)
+            loop.on_checkpoint = lambda round_index: save_checkpoint(
+                run_dir.checkpoints, round_index, loop.state_dict(), federated.keep_last)
+            try:
+                with stop_on_signals(lambda: setattr(loop, "stop_requested", True)):
+                    final = _train_federated(loop, federated.rounds, run_dir)
+            except RunInterrupted:
+                run_dir.close()
+                build_run_report(run_dir.path)
+                raise
             extra = {"mode": "federated", "strategy": loop.strategy.name,
                      "strategy_hyperparameters": loop.strategy.hyperparameters(),
                      "strategy_summary": loop.strategy.summary(),
@@ -97,6 +112,19 @@ def run_fit(cli: Any, experiment_name: str) -> Path:
     log.info("final: auc %.4f (baseline %s, oracle %s) -> %s", summary["auc"],
              _fmt(summary.get("baseline_auc")), _fmt(summary.get("oracle_auc")), html)
     return run_dir.path
+
+
+def _resumed(resume: str, experiment_name: str, resolved: str,
+             loop: FederatedLoop | None) -> RunDirectory:
+    """Reopen the run to continue and load its newest readable checkpoint into `loop`."""
+    if loop is None:
+        raise ConfigError("--resume continues federated runs; this experiment is centralized")
+    path = resume_directory(resume, experiment_name)
+    check_same_experiment(path, resolved)
+    checkpoint, state = load_latest(path / "checkpoints")
+    loop.load_state_dict(state)
+    log.info("resuming %s after round %d (%s)", path, loop.completed_rounds, checkpoint.name)
+    return RunDirectory(path, resume_after=loop.completed_rounds)
 
 
 def _train_centrally(trainer: L.Trainer, model: L.LightningModule, datamodule: Any,

@@ -16,7 +16,9 @@ from jsonargparse import ActionConfigFile
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.base import CTRDataModule, DataError
+from fltoolkit.checkpoint import CheckpointError
 from fltoolkit.config import ConfigError, FederatedConfig
+from fltoolkit.loop import RunInterrupted
 from fltoolkit.reports.config import ReportConfig
 from fltoolkit.reports.run_dir import RunDirectoryError
 from fltoolkit.systems.config import SystemsConfig
@@ -24,7 +26,8 @@ from fltoolkit.systems.devices import DeviceError
 from recsys.module import CTRModule
 
 # user errors: reported as one line, never as a traceback
-FIT_ERRORS = (ConfigError, DataError, DeviceError, RunDirectoryError, FloatingPointError)
+FIT_ERRORS = (ConfigError, DataError, DeviceError, RunDirectoryError, CheckpointError,
+              RunInterrupted, FloatingPointError)
 
 TRAINER_DEFAULTS = {
     "logger": False,
@@ -70,6 +73,10 @@ class FltkCLI(LightningCLI):
         parser.add_argument("--run_dir", type=str | None, default=None,
                             help="Run directory (default runs/<experiment>/version_N); "
                                  "must not exist or be empty.")
+        parser.add_argument("--resume", type=str | None, default=None,
+                            help="Continue a stopped federated run from its newest checkpoint: "
+                                 "its run directory, or `last` (the newest of the experiment). "
+                                 "The configuration must be the run's own.")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(FederatedConfig, "federated")

@@ -14,7 +14,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,17 @@ class RoundStats:
     stragglers: int = 0
     skipped: int = 0
     losses: list[float] = field(default_factory=list)
+
+
+class RunInterrupted(Exception):
+    """The run stopped on request after `round` (a checkpoint of that round was written)."""
+
+    exit_code = 130  # the shell's code for a job stopped by SIGINT
+
+    def __init__(self, round_index: int) -> None:
+        super().__init__(f"interrupted after round {round_index} (checkpoint written); "
+                         "continue with the same command and --resume RUN_DIR")
+        self.round = round_index
 
 
 class FederatedLoop:
@@ -110,6 +121,12 @@ class FederatedLoop:
         self.policy = systems.policy if enabled else None
         self.sim_time_s = 0.0
         self.history: list[dict[str, Any]] = []
+        self.completed_rounds = 0
+        self.wall_time_s = 0.0
+        self.stats, self.totals = RoundStats(), RoundStats()
+        self.last: dict[str, Any] = {}
+        self.stop_requested = False
+        self.on_checkpoint: Callable[[int], None] = lambda round_index: None
         self.test_clients = pl.DataFrame(schema={"client": pl.Int64, "test_rows": pl.Int64,
                                                  "test_auc": pl.Float64})
 
@@ -124,30 +141,75 @@ class FederatedLoop:
 
     def run(self, progress: Callable[[int, dict[str, Any] | None], None] | None = None
             ) -> dict[str, Any]:
-        """Train all rounds; returns the last evaluation's row."""
+        """Train the remaining rounds (all of them unless resumed from a checkpoint); returns
+        the last evaluation's row.
+
+        After every `checkpoint_interval`-th round and the last one, `on_checkpoint` receives
+        the round; when `stop_requested` is set (e.g. by a signal handler) the loop checkpoints
+        after the current round and raises RunInterrupted.
+        """
         log.info("strategy:\n%s", self.strategy.summary())
-        started = time.perf_counter()
-        stats = RoundStats()
-        totals = RoundStats()
-        last: dict[str, Any] = {}
-        for round_index in range(1, self.config.rounds + 1):
-            self.run_round(round_index, stats)
+        started = time.perf_counter() - self.wall_time_s
+        for round_index in range(self.completed_rounds + 1, self.config.rounds + 1):
+            self.run_round(round_index, self.stats)
             evaluate_now = (round_index % self.config.eval_interval == 0
                             or round_index == self.config.rounds)
             if evaluate_now:
-                last = self._evaluate(round_index, stats, started)
+                self.last = self._evaluate(round_index, self.stats, started)
                 for key in ("rounds", "clients", "rejected", "bytes_up", "bytes_down"):
-                    setattr(totals, key, getattr(totals, key) + getattr(stats, key))
-                stats = RoundStats()
+                    setattr(self.totals, key,
+                            getattr(self.totals, key) + getattr(self.stats, key))
+                self.stats = RoundStats()
+            self.completed_rounds = round_index
+            self.wall_time_s = time.perf_counter() - started
             if progress is not None:
-                progress(round_index, last if evaluate_now else None)
-        last.update(bytes_up_total=totals.bytes_up, bytes_down_total=totals.bytes_down,
-                    bytes_up_per_round=totals.bytes_up // max(totals.rounds, 1),
-                    bytes_down_per_round=totals.bytes_down // max(totals.rounds, 1),
-                    rejected_total=totals.rejected)
+                progress(round_index, self.last if evaluate_now else None)
+            if (round_index % self.config.checkpoint_interval == 0
+                    or round_index == self.config.rounds or self.stop_requested):
+                self.on_checkpoint(round_index)
+            if self.stop_requested and round_index < self.config.rounds:
+                raise RunInterrupted(round_index)
+        last = dict(self.last)
+        last.update(bytes_up_total=self.totals.bytes_up, bytes_down_total=self.totals.bytes_down,
+                    bytes_up_per_round=self.totals.bytes_up // max(self.totals.rounds, 1),
+                    bytes_down_per_round=self.totals.bytes_down // max(self.totals.rounds, 1),
+                    rejected_total=self.totals.rejected)
         if self.population is not None:
             last.update(sim_time_s=round(self.sim_time_s, 3))
         return last
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly (tensors and plain values only,
+        so a checkpoint loads with `torch.load(weights_only=True)`)."""
+        return {
+            "completed_rounds": self.completed_rounds,
+            "module": self.module.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "selector": self.selector.state_dict(),
+            "local_tables": self.local_tables.state_dict() if self.local_tables else None,
+            "sim_time_s": self.sim_time_s,
+            "wall_time_s": self.wall_time_s,
+            "participation": torch.from_numpy(self.participation.copy()),
+            "history": list(self.history),
+            "last": dict(self.last),
+            "stats": asdict(self.stats),
+            "totals": asdict(self.totals),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`'s output (the same experiment, built afresh)."""
+        self.module.load_state_dict(state["module"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.selector.load_state_dict(state["selector"])
+        if self.local_tables is not None:
+            self.local_tables.load_state_dict(state["local_tables"])
+        self.completed_rounds = state["completed_rounds"]
+        self.sim_time_s, self.wall_time_s = state["sim_time_s"], state["wall_time_s"]
+        self.participation = state["participation"].numpy().copy()
+        self.history, self.last = list(state["history"]), dict(state["last"])
+        self.stats, self.totals = RoundStats(**state["stats"]), RoundStats(**state["totals"])
+        torch.set_rng_state(state["torch_rng"])
 
     def run_round(self, round_index: int, stats: RoundStats) -> None:
         """One round; adds to `stats` and reports the round's own row to `on_round`."""

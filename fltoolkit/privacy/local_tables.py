@@ -61,6 +61,17 @@ class LocalTableStore:
         remapped = torch.where(hit, vocab + position, ids)
         return torch.cat([weight, values]), remapped
 
+    def state_dict(self) -> dict[str, dict[int, tuple[Tensor, Tensor]]]:
+        """Every stored (client, rows) pair, for checkpoints (the initial weights are the
+        module's own and are checkpointed with it)."""
+        return {table: {client: (rows.ids, rows.values) for client, rows in stored.items()}
+                for table, stored in self.rows.items()}
+
+    def load_state_dict(self, state: dict[str, dict[int, tuple[Tensor, Tensor]]]) -> None:
+        self.rows = {table: {client: SparseRows(ids, values)
+                             for client, (ids, values) in stored.items()}
+                     for table, stored in state.items()}
+
     def num_rows(self) -> int:
         return sum(rows.ids.numel() for table in self.rows.values() for rows in table.values())
 

@@ -26,11 +26,20 @@ class RunDirectoryError(ValueError):
     """The run directory cannot be used (exists and is not empty)."""
 
 
+def _versions(root: Path) -> dict[int, Path]:
+    return {int(p.name.split("_", 1)[1]): p for p in root.glob("version_*")
+            if p.name.split("_", 1)[1].isdigit()}
+
+
 def next_version(root: Path) -> Path:
     """`root/version_N` with N one past the highest existing version."""
-    versions = [int(p.name.split("_", 1)[1]) for p in root.glob("version_*")
-                if p.name.split("_", 1)[1].isdigit()]
-    return root / f"version_{max(versions, default=-1) + 1}"
+    return root / f"version_{max(_versions(root), default=-1) + 1}"
+
+
+def latest_version(root: Path) -> Path | None:
+    """The highest `root/version_N`, or None."""
+    versions = _versions(root)
+    return versions[max(versions)] if versions else None
 
 
 class CsvLog:
@@ -40,6 +49,22 @@ class CsvLog:
     def __init__(self, path: Path, first: tuple[str, ...] = ()) -> None:
         self.path, self.first = path, first
         self.columns: list[str] | None = None
+
+    def truncate_after(self, round_index: int) -> None:
+        """Keep the header and the rows up to `round_index` (a resumed run rewrites the rest)."""
+        if not self.path.exists():
+            return
+        with self.path.open(newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            kept = [row for row in reader if header and int(row[0]) <= round_index]
+        if header is None:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            csv.writer(f).writerows([header, *kept])
+        os.replace(tmp, self.path)
+        self.columns = header
 
     def append(self, row: dict[str, Any]) -> None:
         if self.columns is None:
@@ -56,17 +81,25 @@ class RunDirectory:
     per federated round), clients.csv (a row per training client, rewritten at each
     evaluation), tensorboard/, checkpoints/final.pt (the server's model) and summary.json."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, resume_after: int | None = None) -> None:
+        """A new run directory, or with `resume_after` an existing one whose rows after that
+        round are dropped (the resumed run writes them again)."""
         self.path = Path(path)
-        if self.path.exists() and any(self.path.iterdir()):
+        if resume_after is None and self.path.exists() and any(self.path.iterdir()):
             raise RunDirectoryError(
                 f"run_dir {self.path} already exists and is not empty; "
-                "choose another --run_dir (runs are never overwritten)")
+                "choose another --run_dir (runs are never overwritten) or --resume it")
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "checkpoints").mkdir()
+        self.checkpoints = self.path / "checkpoints"
+        self.checkpoints.mkdir(exist_ok=True)
         self.metrics = CsvLog(self.path / "metrics.csv", METRIC_COLUMNS)
         self.rounds = CsvLog(self.path / "rounds.csv", ("round",))
-        self.tensorboard = TensorBoardLog(self.path / "tensorboard")
+        if resume_after is not None:
+            self.metrics.truncate_after(resume_after)
+            self.rounds.truncate_after(resume_after)
+            (self.path / "summary.json").unlink(missing_ok=True)
+        self.tensorboard = TensorBoardLog(
+            self.path / "tensorboard", None if resume_after is None else resume_after + 1)
 
     def write_config(self, text: str) -> None:
         _atomic_write(self.path / "config.yaml", text)

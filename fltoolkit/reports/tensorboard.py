@@ -23,8 +23,10 @@ ROUND_SCALARS = ("aggregated", "rejected", "dropped", "stragglers", "bytes_up", 
 class TensorBoardLog:
     """Writes event files under `<run_dir>/tensorboard`."""
 
-    def __init__(self, path: Path) -> None:
-        self.writer = SummaryWriter(log_dir=str(path))
+    def __init__(self, path: Path, purge_step: int | None = None) -> None:
+        """`purge_step`: on resume, events from this step on (left by the killed run) are
+        dropped by TensorBoard."""
+        self.writer = SummaryWriter(log_dir=str(path), purge_step=purge_step)
 
     def evaluation(self, row: dict[str, Any]) -> None:
         self._scalars("eval", row, EVALUATION_SCALARS, row["round"])

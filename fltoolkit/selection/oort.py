@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from fltoolkit.selection.base import ClientSelector
 from fltoolkit.updates import ClientUpdate
@@ -181,15 +182,20 @@ class Oort(ClientSelector):
             self.preferred_percentile = max(self.pacer_delta,
                                             self.preferred_percentile - self.pacer_delta)
 
+    ARRAYS = ("utility", "duration", "last_round", "times_selected")
+
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "utility": self.utility, "duration": self.duration,
-                "last_round": self.last_round, "times_selected": self.times_selected,
+        """Arrays as tensors, so checkpoints load with torch.load(weights_only=True)."""
+        return {**super().state_dict(),
+                **{key: torch.from_numpy(getattr(self, key).copy()) for key in self.ARRAYS},
                 "exploration": self.exploration,
                 "preferred_percentile": self.preferred_percentile,
                 "window_utility": list(self.window_utility)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        for key in ("utility", "duration", "last_round", "times_selected", "exploration",
-                    "preferred_percentile", "window_utility"):
+        for key in self.ARRAYS:
+            setattr(self, key, state[key].numpy().copy())
+        for key in ("exploration", "preferred_percentile"):
             setattr(self, key, state[key])
+        self.window_utility = list(state["window_utility"])
