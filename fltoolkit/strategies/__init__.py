@@ -5,6 +5,8 @@ from fltoolkit.strategies.fedavg import FedAvg
 from fltoolkit.strategies.fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
 from fltoolkit.strategies.fedprox import FedProx
 from fltoolkit.strategies.qfedavg import QFedAvg
+from fltoolkit.strategies.robust import CoordinateMedian, NormClippedFedAvg, TrimmedMean
 
-__all__ = ["AggregationError", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedOpt", "FedProx",
-           "FedYogi", "QFedAvg", "ServerModel", "Strategy"]
+__all__ = ["AggregationError", "CoordinateMedian", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM",
+           "FedOpt", "FedProx", "FedYogi", "NormClippedFedAvg", "QFedAvg", "ServerModel",
+           "Strategy", "TrimmedMean"]
