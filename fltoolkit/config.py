@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from fltoolkit.faults import Faults
 from fltoolkit.selection import ClientSelector, UniformSelector
 from fltoolkit.strategies import FedAvg, Strategy
 
@@ -42,6 +43,11 @@ class FederatedConfig:
         checkpoint_interval: write a checkpoint (`checkpoints/round_N.pt`) every this many
             rounds and after the last; `fltk fit --resume RUN_DIR` continues from the newest.
         keep_last: checkpoints kept on disk (older ones are deleted).
+        reject_norm_ratio: reject (and count in `rejected`) updates whose L2 norm exceeds
+            this multiple of the round's median update norm; unset: no norm check. Updates
+            with NaN/Inf are always rejected.
+        faults: inject faulty clients for robustness tests, e.g. `--federated.faults.nan 0.2`
+            (see fltoolkit/faults.py: crash, nan, scale, scale_factor).
     """
 
     def __init__(
@@ -59,6 +65,8 @@ class FederatedConfig:
         eval_interval: int = 100,
         checkpoint_interval: int = 100,
         keep_last: int = 2,
+        reject_norm_ratio: float | None = None,
+        faults: Faults | None = None,
     ) -> None:
         for key, value in (("rounds", rounds), ("clients_per_round", clients_per_round),
                            ("batch_size", batch_size), ("eval_interval", eval_interval),
@@ -83,3 +91,7 @@ class FederatedConfig:
         self.eval_interval = eval_interval
         self.checkpoint_interval = checkpoint_interval
         self.keep_last = keep_last
+        if reject_norm_ratio is not None and reject_norm_ratio <= 1:
+            raise ValueError(f"federated.reject_norm_ratio must be > 1, got {reject_norm_ratio}")
+        self.reject_norm_ratio = reject_norm_ratio
+        self.faults = faults or Faults()

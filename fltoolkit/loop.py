@@ -26,12 +26,14 @@ from datamodules.base import PreparedData
 from fltoolkit.client import CohortTrainer, LocalSchedule
 from fltoolkit.config import ConfigError, FederatedConfig
 from fltoolkit.evaluation import evaluate
+from fltoolkit.faults import norm_outliers
 from fltoolkit.model_parts import split_parameters
 from fltoolkit.optimizer_state import ClientOptimizerStates
 from fltoolkit.privacy.local_tables import LocalTableStore
 from fltoolkit.strategies.base import ServerModel
 from fltoolkit.systems.clock import client_seconds
 from fltoolkit.systems.config import SystemsConfig
+from fltoolkit.updates import ClientUpdate
 
 log = logging.getLogger("fltk")
 
@@ -40,8 +42,8 @@ warnings.filterwarnings("ignore", message=".*self.log.*trainer. reference is not
 
 
 IDLE_WAIT_S = 60.0  # simulated wait when too few clients are online to start a round
-ROUND_COUNTERS = ("selected", "clients", "aggregated", "rejected", "dropped", "stragglers",
-                  "skipped", "bytes_up", "bytes_down")
+ROUND_COUNTERS = ("selected", "clients", "aggregated", "rejected", "crashed", "dropped",
+                  "stragglers", "skipped", "bytes_up", "bytes_down")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class RoundStats:
     clients: int = 0
     aggregated: int = 0
     rejected: int = 0
+    crashed: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     dropped: int = 0
@@ -237,16 +240,8 @@ class FederatedLoop:
             stats.rounds += 1
             return
         clients = np.array(chosen)
-        updates = []
         seeds = [self._client_seed(round_index, client) for client in chosen]
-        for update in self.trainer.train_round(chosen, seeds):
-            stats.bytes_down += update.download_bytes
-            if update.is_finite() and np.isfinite(update.loss):
-                updates.append(update)
-                stats.bytes_up += update.upload_bytes()
-                stats.losses.append(update.loss)
-            else:
-                stats.rejected += 1
+        updates = self._accepted(self.trainer.train_round(chosen, seeds), round_index, stats)
         stats.rounds += 1
         stats.clients += len(clients)
         stats.aggregated += len(updates)
@@ -260,6 +255,32 @@ class FederatedLoop:
             self.strategy.aggregate(updates, server)
             vector_to_parameters(server.dense, self.parts.dense)
         self.selector.feedback(round_index, updates, durations)
+
+    def _accepted(self, updates: list[ClientUpdate], round_index: int, stats: RoundStats
+                  ) -> list[ClientUpdate]:
+        """The updates fit to aggregate: faults injected (if configured), then non-finite
+        ones and norm outliers rejected (counted, never aggregated)."""
+        faults = self.config.faults
+        valid = []
+        for update in updates:
+            stats.bytes_down += update.download_bytes
+            if faults.active:
+                update = faults.inject(update, self.seed, round_index)
+                if update is None:
+                    stats.crashed += 1
+                    continue
+            stats.bytes_up += update.upload_bytes()
+            if update.is_finite() and np.isfinite(update.loss):
+                valid.append(update)
+            else:
+                stats.rejected += 1
+        ratio = self.config.reject_norm_ratio
+        if ratio is not None and len(valid) > 2:
+            outlier = norm_outliers(valid, ratio).tolist()
+            stats.rejected += sum(outlier)
+            valid = [u for u, bad in zip(valid, outlier, strict=True) if not bad]
+        stats.losses.extend(update.loss for update in valid)
+        return valid
 
     def _admitted(self, round_index: int, wanted: int, stats: RoundStats
                   ) -> tuple[list[int], dict[int, float]]:
@@ -339,6 +360,7 @@ class FederatedLoop:
             "bytes_up_per_round": stats.bytes_up // max(stats.rounds, 1),
             "bytes_down_per_round": stats.bytes_down // max(stats.rounds, 1),
             "rejected": stats.rejected,
+            "crashed": stats.crashed,
         }
         if self.population is not None:
             row.update(sim_time_s=round(self.sim_time_s, 3), dropped=stats.dropped,

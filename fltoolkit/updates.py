@@ -7,7 +7,7 @@ aggregation proportional to the cohort's data instead of to the tables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -80,6 +80,18 @@ class ClientUpdate:
     def upload_bytes(self) -> int:
         dense = self.dense.numel() * self.dense.element_size()
         return dense + sum(rows.num_bytes() for rows in self.tables.values())
+
+    def norm(self) -> float:
+        """L2 norm of the whole update: the dense delta and every row sent, together."""
+        squares = self.dense.double().square().sum() + sum(
+            rows.values.double().square().sum() for rows in self.tables.values())
+        return float(squares.sqrt())
+
+    def scaled(self, factor: float) -> ClientUpdate:
+        """A copy with every delta times `factor` (finiteness is checked again)."""
+        tables = {name: SparseRows(rows.ids, rows.values * factor)
+                  for name, rows in self.tables.items()}
+        return replace(self, dense=self.dense * factor, tables=tables, finite=None)
 
     def is_finite(self) -> bool:
         """No NaN or Inf anywhere (one sum per tensor: NaN and Inf propagate through sums)."""

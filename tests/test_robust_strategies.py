@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -70,9 +72,9 @@ def test_trimmed_mean_drops_one_value_per_side_of_five():
     ]
     server = _server(2, 3, 1)
     TrimmedMean(beta=0.2).aggregate(updates, server)
-    # floor(0.2 * 5) = 1: mean(2, 3, 4) and mean(0, 1, 2)
+    # ceil(0.2 * 5) = 1: mean(2, 3, 4) and mean(0, 1, 2)
     assert server.dense.tolist() == pytest.approx([3.0, 1.0])
-    # row 0, five clients: mean(1, 2, 3); row 1, two clients: floor(0.4) = 0, plain mean
+    # row 0, five clients: mean(1, 2, 3); row 1, two clients: min(ceil(0.4), 0) = 0, their mean
     assert server.tables["t"].flatten().tolist() == pytest.approx([2.0, 6.0, 0.0])
 
 
@@ -178,6 +180,15 @@ def test_vectorized_rows_match_a_row_by_row_reference(strategy):
         elif isinstance(strategy, CoordinateMedian):
             expected = (column[(n - 1) // 2] + column[n // 2]) / 2
         else:
-            trim = int(0.25 * n)
+            trim = min(math.ceil(0.25 * n), (n - 1) // 2)
             expected = column[trim:n - trim].mean(0)
         torch.testing.assert_close(server.tables["t"][row], expected)
+
+
+def test_trimmed_mean_trims_a_row_three_clients_touched():
+    # ceil(0.2 * 3) = 1 per side: the malicious -10x value goes, the middle one stays
+    updates = [_update(0, [0.0], {0: [1.0]}), _update(1, [0.0], {0: [-10.0]}),
+               _update(2, [0.0], {0: [2.0]})]
+    server = _server(1, 1, 1)
+    TrimmedMean(beta=0.2).aggregate(updates, server)
+    assert server.tables["t"].flatten().tolist() == [1.0]

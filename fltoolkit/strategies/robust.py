@@ -12,7 +12,6 @@ client could inflate.
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -99,12 +98,14 @@ class CoordinateMedian(CoordinateWise):
 
 
 class TrimmedMean(CoordinateWise):
-    """Coordinate-wise beta-trimmed mean: per coordinate, drop the floor(beta * n) largest and
-    floor(beta * n) smallest of the n values, average the rest.
+    """Coordinate-wise beta-trimmed mean: per coordinate, drop the t largest and t smallest of
+    the n values and average the rest, t = min(ceil(beta * n), (n - 1) // 2).
 
-    n is the number of clients that touched the row (the whole cohort for dense parameters), so
-    a row touched by fewer than 1 / beta clients is not trimmed at all: its plain mean over
-    those clients. Since beta < 0.5, floor(beta * n) < n / 2 and at least one value remains.
+    n is the number of clients that touched the row (the whole cohort for dense parameters).
+    Rounding up matters for rows few clients touched: with floor, an ad row seen by 3 or 4
+    clients was never trimmed and one client scaling its update by -10 poisoned it (AUC 0.47
+    against 0.61 clean in a 20%-malicious run); with ceil such a row keeps its middle values.
+    The cap leaves at least one value (two clients: their mean).
 
     Args:
         beta: fraction trimmed at each end, in [0, 0.5); 0 is the unweighted mean. Choose it
@@ -124,7 +125,7 @@ class TrimmedMean(CoordinateWise):
         return {"beta": self.beta, **super().hyperparameters()}
 
     def statistic(self, values: Tensor, counts: Tensor) -> Tensor:
-        trim = (counts.double() * self.beta).floor().long()
+        trim = torch.minimum((counts.double() * self.beta).ceil().long(), (counts - 1) // 2)
         group = torch.repeat_interleave(counts)
         position = torch.arange(group.numel()) - (counts.cumsum(0) - counts)[group]
         keep = (position >= trim[group]) & (position < (counts - trim)[group])
@@ -136,15 +137,8 @@ class TrimmedMean(CoordinateWise):
 def clipped(update: ClientUpdate, max_norm: float) -> ClientUpdate:
     """The update scaled by min(1, max_norm / ||update||), the norm spanning the dense delta
     and every row it sent; the input is left as it is."""
-    squares = update.dense.double().square().sum() + sum(
-        rows.values.double().square().sum() for rows in update.tables.values())
-    norm = float(squares.sqrt())
-    if norm <= max_norm:
-        return update
-    scale = max_norm / norm
-    tables = {name: SparseRows(rows.ids, rows.values * scale)
-              for name, rows in update.tables.items()}
-    return replace(update, dense=update.dense * scale, tables=tables)
+    norm = update.norm()
+    return update if norm <= max_norm else update.scaled(max_norm / norm)
 
 
 class NormClippedFedAvg(FedAvg):
