@@ -249,12 +249,32 @@ class FederatedLoop:
         if not updates:
             log.warning("round %d: no valid update, the global model is unchanged", round_index)
             return
-        with torch.no_grad():
-            server = ServerModel(parameters_to_vector(self.parts.dense).detach().clone(),
-                                 self.server_tables)
-            self.strategy.aggregate(updates, server)
-            vector_to_parameters(server.dense, self.parts.dense)
+        if not self._aggregate(updates):
+            stats.skipped += 1
+            log.warning("round %d: aggregation gave NaN/Inf weights; the round's update was "
+                        "discarded (lower the server learning rate or use a robust strategy)",
+                        round_index)
         self.selector.feedback(round_index, updates, durations)
+
+    @torch.no_grad()
+    def _aggregate(self, updates: list[ClientUpdate]) -> bool:
+        """Apply the strategy; if the new global weights are not finite, put back the old
+        ones (only the rows the round touched can have changed) and return False."""
+        touched = {name: torch.unique(torch.cat([u.tables[name].ids for u in updates
+                                                 if name in u.tables]))
+                   for name in self.server_tables if any(name in u.tables for u in updates)}
+        before = {name: self.server_tables[name][ids].clone() for name, ids in touched.items()}
+        server = ServerModel(parameters_to_vector(self.parts.dense).detach().clone(),
+                             self.server_tables)
+        self.strategy.aggregate(updates, server)
+        sums = [server.dense.sum(), *(self.server_tables[name][ids].sum()
+                                      for name, ids in touched.items())]
+        if not torch.isfinite(torch.stack(sums)).all():
+            for name, ids in touched.items():
+                self.server_tables[name][ids] = before[name]
+            return False
+        vector_to_parameters(server.dense, self.parts.dense)
+        return True
 
     def _accepted(self, updates: list[ClientUpdate], round_index: int, stats: RoundStats
                   ) -> list[ClientUpdate]:

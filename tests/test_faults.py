@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fltoolkit.faults import Faults, norm_outliers
+from fltoolkit.loop import RoundStats
 from fltoolkit.strategies import CoordinateMedian, TrimmedMean
 from fltoolkit.updates import ClientUpdate, SparseRows
 from tests.test_federated import _loop
@@ -69,3 +70,20 @@ def test_robust_strategies_resist_scaled_clients_where_fedavg_degrades(synthetic
     # rejecting norm outliers rescues plain FedAvg too
     guarded = _loop(synthetic_data, faults=attack, reject_norm_ratio=3.0, **SETTINGS).run()
     assert guarded["rejected_total"] > 0 and guarded["auc"] > clean_auc - 0.02
+
+
+def test_a_round_whose_aggregate_is_not_finite_is_discarded(synthetic_data, caplog):
+    loop = _loop(synthetic_data, rounds=1)
+    before = {k: v.detach().clone() for k, v in loop.module.state_dict().items()}
+
+    def explode(updates, server):  # a diverging server step: NaN dense, Inf in touched rows
+        server.dense.fill_(float("nan"))
+        for name, rows in updates[0].tables.items():
+            server.tables[name][rows.ids] = float("inf")
+
+    loop.strategy.aggregate = explode
+    stats = RoundStats()
+    loop.run_round(1, stats)
+    assert stats.skipped == 1 and "was discarded" in caplog.text
+    for key, value in loop.module.state_dict().items():
+        assert torch.equal(value, before[key]), key
