@@ -107,6 +107,9 @@ def condense_parse_error(message: str) -> str:
         owner = re.search(r"given class_path '([^']+)'", message)
         where = f" (not an argument of {owner.group(1)})" if owner else ""
         return f"unknown key {'.'.join([*keys, unknown.group(1)])}{where}"
+    group = re.search(r"Group '([^']+)' does not accept option '([^']+)'", message)
+    if group:  # a misspelled key inside the experiment YAML
+        return f"unknown key {group.group(1)}.{group.group(2)}"
     unrecognized = re.match(r"unrecognized arguments: --(\S+)", message)
     if unrecognized:
         return f"unknown key {unrecognized.group(1)}"

@@ -54,12 +54,25 @@ def test_centralized_fit_writes_config_metrics_and_summary(tmp_path, capsys):
     (["--model.embedding_dim", "abc"], "model.embedding_dim: expected int, got abc"),
     (["--data.min_count", "0"], "data.min_count, data.test_days and data.num_rows must be >= 1"),
     (["--data.data_dir", "/nonexistent/taobao"], "/nonexistent/taobao: no such directory"),
+    (["--federated.rounds", "-3"], "federated.rounds must be >= 1, got -3"),
+    (["--federated.clients_per_round", "100000"],
+     "federated.clients_per_round=100000 exceeds the"),
+    (["--federated.faults.nan", "1.5"], "federated.faults.nan must be in [0, 1], got 1.5"),
+    (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: not a run directory"),
 ])
 def test_bad_config_fails_in_one_line_naming_the_key(tmp_path, capsys, args, message):
     assert _fit(tmp_path, "--run_dir", str(tmp_path / "run"), *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_a_typo_inside_the_experiment_yaml_is_named(tmp_path, capsys):
+    experiment = tmp_path / "typo.yaml"
+    experiment.write_text(Path(EXPERIMENT).read_text().replace("eval_interval:", "eval_intervall:"))
+    assert main(["fit", "--experiment", str(experiment)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown key federated.eval_intervall" in err[0]
 
 
 def test_missing_data_file_fails_before_training(tmp_path, capsys):
