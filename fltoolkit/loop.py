@@ -190,6 +190,8 @@ class FederatedLoop:
             "strategy": self.strategy.state_dict(),
             "selector": self.selector.state_dict(),
             "local_tables": self.local_tables.state_dict() if self.local_tables else None,
+            "optimizer_states": (self.trainer.optimizer_states.state_dict(self._parameters())
+                                 if self.trainer.optimizer_states else None),
             "sim_time_s": self.sim_time_s,
             "wall_time_s": self.wall_time_s,
             "participation": torch.from_numpy(self.participation.copy()),
@@ -207,6 +209,9 @@ class FederatedLoop:
         self.selector.load_state_dict(state["selector"])
         if self.local_tables is not None:
             self.local_tables.load_state_dict(state["local_tables"])
+        if self.trainer.optimizer_states is not None:
+            self.trainer.optimizer_states.load_state_dict(state["optimizer_states"],
+                                                          self._parameters())
         self.completed_rounds = state["completed_rounds"]
         self.sim_time_s, self.wall_time_s = state["sim_time_s"], state["wall_time_s"]
         self.participation = state["participation"].numpy().copy()
@@ -345,6 +350,9 @@ class FederatedLoop:
         observed = np.minimum(seconds, self.policy.deadline_s or np.inf)[finished]
         durations = dict(zip(selected[finished].tolist(), observed.tolist(), strict=True))
         return selected[outcome.kept].tolist(), durations
+
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.module.parameters())
 
     def server_state_dict(self) -> dict[str, torch.Tensor]:
         """The module's state without client-local tables: what the server may keep."""

@@ -100,6 +100,31 @@ class ClientOptimizerStates:
                     for key, value in state.items()}
 
 
+    def state_dict(self, parameters: list[nn.Parameter]) -> dict[int, list[dict[int, Any]]]:
+        """Plain tensors keyed by each parameter's position in `parameters` (the module's
+        order), so checkpoints need no pickled objects; row-wise state is ("rows", ids,
+        values)."""
+        position = {id(p): i for i, p in enumerate(parameters)}
+        return {client: [{position[id(param)]: {key: _plain(value) for key, value in state.items()}
+                          for param, state in params.items()} for params in saved]
+                for client, saved in self.states.items()}
+
+    def load_state_dict(self, state: dict[int, list[dict[int, Any]]],
+                        parameters: list[nn.Parameter]) -> None:
+        self.states = {client: [{parameters[i]: {key: _rows(value) for key, value in kept.items()}
+                                 for i, kept in params.items()} for params in saved]
+                       for client, saved in state.items()}
+
+
+def _plain(value: Any) -> Any:
+    return ("rows", value.ids, value.values) if isinstance(value, SparseRows) else value
+
+
+def _rows(value: Any) -> Any:
+    is_rows = isinstance(value, tuple) and len(value) == 3 and value[0] == "rows"
+    return SparseRows(value[1], value[2]) if is_rows else value
+
+
 def _save(value: Any, param: nn.Parameter, segment: tuple[Tensor, slice] | None,
           kept: Any) -> Any:
     if not torch.is_tensor(value):
