@@ -4,6 +4,8 @@ Protocol of the literature for this dataset: the last day (2017-05-13, Beijing t
 test split, the days before are train. Vocabularies come from the train split only; test ids
 never seen in train map to an OOV index, and missing values (empty profile levels, `NULL`
 brands, users absent from user_profile.csv) get an index of their own instead of a guess.
+Malformed rows (wrong field count, an id or time stamp that is not an integer, a bad price or
+click flag) are never read as data: they stop preprocessing, or are dropped with `on_bad_rows`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -24,10 +26,11 @@ import torch
 
 from datamodules.base import CTRDataModule, DataError, FeatureSpec, PreparedData
 from datamodules.clients import ClientTable
+from datamodules.csv_check import Rule, check_csv
 
 log = logging.getLogger("fltk.data")
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 MISSING_INDEX = 0  # the value was absent in the raw data
 OOV_INDEX = 1  # the value was not in the train vocabulary (unseen or rarer than min_count)
 FIRST_VOCAB_INDEX = 2
@@ -36,21 +39,28 @@ RAW_SAMPLE = "raw_sample.csv"
 USER_PROFILE = "user_profile.csv"
 AD_FEATURE = "ad_feature.csv"
 
-# Expected columns (after stripping header whitespace) and how to read them.
-SCHEMAS: dict[str, dict[str, pl.DataType]] = {
+_INT = Rule(pl.Int64(), "not an integer")
+_OPTIONAL_INT = Rule(pl.Int64(), "not an integer", missing_ok=True)  # levels, brand (`NULL`)
+_FLAG = Rule(pl.Int64(), "not 0 or 1", accept=lambda v: v.is_in([0, 1]))
+_TEXT = Rule(pl.String(), "not text", missing_ok=True)  # every string is a valid pid
+# log1p(price) is a feature: a negative or infinite price would poison its mean and std
+_PRICE = Rule(pl.Float64(), "not a number >= 0", accept=lambda v: v.is_finite() & (v >= 0))
+
+# Expected columns (after stripping header whitespace) and the rule each value must follow.
+SCHEMAS: dict[str, dict[str, Rule]] = {
     RAW_SAMPLE: {
-        "user": pl.Int64(), "time_stamp": pl.Int64(), "adgroup_id": pl.Int64(),
-        "pid": pl.String(), "nonclk": pl.Int64(), "clk": pl.Int64(),
+        "user": _INT, "time_stamp": _INT, "adgroup_id": _INT,
+        "pid": _TEXT, "nonclk": _FLAG, "clk": _FLAG,
     },
     USER_PROFILE: {
-        "userid": pl.Int64(), "cms_segid": pl.Int64(), "cms_group_id": pl.Int64(),
-        "final_gender_code": pl.Int64(), "age_level": pl.Int64(), "pvalue_level": pl.Int64(),
-        "shopping_level": pl.Int64(), "occupation": pl.Int64(),
-        "new_user_class_level": pl.Int64(),
+        "userid": _INT, "cms_segid": _INT, "cms_group_id": _INT,
+        "final_gender_code": _INT, "age_level": _OPTIONAL_INT, "pvalue_level": _OPTIONAL_INT,
+        "shopping_level": _OPTIONAL_INT, "occupation": _INT,
+        "new_user_class_level": _OPTIONAL_INT,
     },
     AD_FEATURE: {
-        "adgroup_id": pl.Int64(), "cate_id": pl.Int64(), "campaign_id": pl.Int64(),
-        "customer": pl.Int64(), "brand": pl.Int64(), "price": pl.Float64(),
+        "adgroup_id": _INT, "cate_id": _INT, "campaign_id": _INT,
+        "customer": _INT, "brand": _OPTIONAL_INT, "price": _PRICE,
     },
 }
 
@@ -73,23 +83,13 @@ def _read_columns(path: Path) -> list[str]:
     return [c.strip() for c in header.rstrip("\r\n").split(",")]
 
 
-def _scan(path: Path) -> pl.LazyFrame:
-    """Lazy scan of one Taobao CSV with stripped header names and checked columns."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (a Taobao data_dir holds "
-                        f"{RAW_SAMPLE}, {USER_PROFILE} and {AD_FEATURE})")
-    schema = SCHEMAS[path.name]
+def _checked_columns(path: Path) -> list[str]:
+    """The header of one Taobao CSV, checked to hold every column its schema needs."""
     columns = _read_columns(path)
-    missing = [c for c in schema if c not in columns]
+    missing = [c for c in SCHEMAS[path.name] if c not in columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {columns}")
-    return pl.scan_csv(
-        path,
-        has_header=True,
-        new_columns=columns,
-        schema_overrides=schema,
-        null_values=["NULL", ""],
-    ).select(list(schema))
+    return columns
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:
@@ -124,6 +124,11 @@ class TaobaoDataModule(CTRDataModule):
         min_count: ids seen fewer times in train share the OOV index.
         utc_offset_hours: the time zone of the day boundaries (the dataset's days are Beijing time).
         test_days: number of last days held out as the test split.
+        on_bad_rows: what a malformed row (wrong field count, a non-integer id or time stamp, a
+            price that is not a number >= 0, a click flag that is not 0/1) does: `error` stops
+            with the file, count and first line; `skip` drops such rows with one warning per
+            file (counted in the data info as `bad_rows_skipped`). Empty profile levels and
+            `NULL` brands are missing values, not malformed.
         cache_dir: where generated data and preprocessed parquet caches live.
         batch_size, eval_batch_size, min_client_samples, seed: see CTRDataModule.
     """
@@ -137,6 +142,7 @@ class TaobaoDataModule(CTRDataModule):
         min_count: int = 1,
         utc_offset_hours: int = 8,
         test_days: int = 1,
+        on_bad_rows: Literal["error", "skip"] = "error",
         cache_dir: str | None = None,
         batch_size: int = 256,
         eval_batch_size: int = 65536,
@@ -160,11 +166,14 @@ class TaobaoDataModule(CTRDataModule):
             raise ValueError("data.sparse_features must name at least one feature")
         if min_count < 1 or test_days < 1 or num_rows < 1:
             raise ValueError("data.min_count, data.test_days and data.num_rows must be >= 1")
+        if on_bad_rows not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
         self.data_dir = Path(data_dir) if data_dir else None
         self.num_rows = num_rows
         self.min_count = min_count
         self.utc_offset_hours = utc_offset_hours
         self.test_days = test_days
+        self.on_bad_rows = on_bad_rows
         self.cache_dir = Path(cache_dir or os.environ.get("FLTK_CACHE")
                               or Path.home() / ".cache" / "fltk")
         self._prepared: Path | None = None
@@ -199,6 +208,7 @@ class TaobaoDataModule(CTRDataModule):
             "min_count": self.min_count,
             "utc_offset_hours": self.utc_offset_hours,
             "test_days": self.test_days,
+            "on_bad_rows": self.on_bad_rows,
             "sources": [_fingerprint(source / n) for n in (RAW_SAMPLE, USER_PROFILE, AD_FEATURE)],
         }
         return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
@@ -235,11 +245,25 @@ class TaobaoDataModule(CTRDataModule):
         log.info("data: preprocessed %s in %.1f s -> %s", source, meta["preprocess_seconds"], out)
         return out
 
-    def _joined(self, source: Path) -> pl.LazyFrame:
+    def _good_rows(self, path: Path, work: Path) -> tuple[pl.LazyFrame, int]:
+        """One CSV's well-formed rows (read from a parquet copy in `work`) and how many were bad.
+
+        Raises DataError on a malformed row unless on_bad_rows is `skip`.
+        """
+        checked = check_csv(path, _checked_columns(path), SCHEMAS[path.name],
+                            work / f"{path.stem}.checked.parquet")
+        if checked.bad_rows:
+            what = (f"{checked.bad_rows} malformed row(s) (first at line "
+                    f"{checked.first_bad_line}: {checked.first_reason})")
+            if self.on_bad_rows == "error":
+                raise DataError(f"{path}: {what}; fix the file or set --data.on_bad_rows skip")
+            log.warning("%s: skipped %s", path, what)
+        return checked.good_rows(), checked.bad_rows
+
+    def _joined(self, raw: pl.LazyFrame, profile: pl.LazyFrame,
+                ads: pl.LazyFrame) -> pl.LazyFrame:
         """raw_sample left-joined to the user profile and the ad features, with the split flag."""
-        raw = _scan(source / RAW_SAMPLE)
-        profile = _scan(source / USER_PROFILE).rename({"userid": "user"})
-        ads = _scan(source / AD_FEATURE)
+        profile = profile.rename({"userid": "user"})
         seconds_per_day = 86_400
         local_day = (pl.col("time_stamp") + self.utc_offset_hours * 3600) // seconds_per_day
         hour = ((pl.col("time_stamp") + self.utc_offset_hours * 3600) % seconds_per_day) // 3600
@@ -250,9 +274,14 @@ class TaobaoDataModule(CTRDataModule):
         )
 
     def _preprocess(self, source: Path, out: Path) -> dict[str, Any]:
+        log.info("data: checking the rows of %s", source)
+        names = (RAW_SAMPLE, USER_PROFILE, AD_FEATURE)
+        tables, bad_rows = zip(*(self._good_rows(source / n, out) for n in names), strict=True)
         joined_path = out / "joined.parquet"
         log.info("data: joining %s", source)
-        self._joined(source).sink_parquet(joined_path)
+        self._joined(*tables).sink_parquet(joined_path)
+        for checked in out.glob("*.checked.parquet"):
+            checked.unlink()
         joined = pl.scan_parquet(joined_path)
         last_day = joined.select(pl.col("_day").max()).collect().item()
         if last_day is None:
@@ -307,6 +336,8 @@ class TaobaoDataModule(CTRDataModule):
             "rows_test": counts["test"],
             "baseline_auc": baseline_auc,
         }
+        if self.on_bad_rows == "skip":
+            meta["bad_rows_skipped"] = dict(zip(names, bad_rows, strict=True))
         synthetic = source / "synthetic_meta.json"
         if synthetic.is_file():
             meta["oracle_auc"] = json.loads(synthetic.read_text())["oracle_auc"]
@@ -340,7 +371,8 @@ class TaobaoDataModule(CTRDataModule):
                 label=_tensor(frame, ["label"], np.float32, width=1).reshape(-1),
                 client_key=_tensor(frame, ["user"], np.int64, width=1).reshape(-1),
             )
-        info = {k: meta[k] for k in ("baseline_auc", "oracle_auc") if meta.get(k) is not None}
+        info = {k: meta[k] for k in ("baseline_auc", "oracle_auc", "bad_rows_skipped")
+                if meta.get(k) is not None}
         info["source"] = meta["source"]
         label_mean = float(tables["train"].label.mean())
         features = FeatureSpec(meta["sparse_features"], meta["cardinalities"],

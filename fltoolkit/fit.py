@@ -20,7 +20,7 @@ from fltoolkit.resume import check_same_experiment, resume_directory, stop_on_si
 log = logging.getLogger("fltk")
 
 SUMMARY_INFO_KEYS = ("num_train", "num_test", "num_clients", "dropped_clients",
-                     "baseline_auc", "oracle_auc")
+                     "baseline_auc", "oracle_auc", "bad_rows_skipped")
 METRIC_KEYS = ("auc", "logloss", "ne", "gauc", "calibration")
 FEDERATED_KEYS = ("clients_seen", "bytes_up_total", "bytes_down_total", "bytes_up_per_round",
                   "bytes_down_per_round", "rejected_total", "sim_time_s")
