@@ -138,3 +138,18 @@ def test_loop_state_round_trips_through_a_checkpoint_file(synthetic_data, tmp_pa
     assert resumed == expected
     for key, value in whole.module.state_dict().items():
         assert torch.equal(value, second.module.state_dict()[key]), key
+
+
+def test_resuming_drops_rows_after_the_checkpoint_and_a_half_written_row(tmp_path):
+    from fltoolkit.reports.run_dir import CsvLog
+
+    log = CsvLog(tmp_path / "rounds.csv", ("round",))
+    for round_index in (1, 2, 3):
+        log.append({"round": round_index, "bytes": 10 * round_index})
+    with (tmp_path / "rounds.csv").open("a") as f:
+        f.write("1")  # killed while writing round 12's row
+    resumed = CsvLog(tmp_path / "rounds.csv", ("round",))
+    resumed.truncate_after(2)
+    resumed.append({"round": 3, "bytes": 31})
+    assert (tmp_path / "rounds.csv").read_text().splitlines() == [
+        "round,bytes", "1,10", "2,20", "3,31"]

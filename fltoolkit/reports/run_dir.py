@@ -51,13 +51,18 @@ class CsvLog:
         self.columns: list[str] | None = None
 
     def truncate_after(self, round_index: int) -> None:
-        """Keep the header and the rows up to `round_index` (a resumed run rewrites the rest)."""
+        """Keep the header and the rows up to `round_index` (a resumed run rewrites the rest).
+
+        A row cut short by a kill (fewer fields than the header) is dropped whatever round it
+        seems to name: "1" may be the start of "12,...".
+        """
         if not self.path.exists():
             return
         with self.path.open(newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
-            kept = [row for row in reader if header and int(row[0]) <= round_index]
+            kept = [row for row in reader if header and len(row) == len(header)
+                    and int(row[0]) <= round_index]
         if header is None:
             return
         tmp = self.path.with_name(f".{self.path.name}.tmp")
