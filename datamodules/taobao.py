@@ -10,13 +10,11 @@ click flag) are never read as data: they stop preprocessing, or are dropped with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +23,14 @@ import polars as pl
 import torch
 
 from datamodules.base import CTRDataModule, DataError, FeatureSpec, PreparedData
+from datamodules.cache import (
+    PreparedCache,
+    build_once,
+    config_hash,
+    ensure_dir,
+    fingerprint,
+    publish,
+)
 from datamodules.clients import ClientTable
 from datamodules.csv_check import Rule, check_csv
 
@@ -92,26 +98,13 @@ def _checked_columns(path: Path) -> list[str]:
     return columns
 
 
-def _fingerprint(path: Path) -> dict[str, Any]:
-    """Cheap identity of a source file: size, mtime and a hash of its first and last MiB."""
-    stat = path.stat()
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        digest.update(f.read(1 << 20))
-        if stat.st_size > 2 << 20:
-            f.seek(-(1 << 20), os.SEEK_END)
-            digest.update(f.read())
-    return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "sha256_ends": digest.hexdigest()}
-
-
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
     from recsys.metrics import auc  # local: recsys is heavier to import than datamodules
 
     return auc(torch.from_numpy(scores), torch.from_numpy(labels))
 
 
-class TaobaoDataModule(CTRDataModule):
+class TaobaoDataModule(PreparedCache, CTRDataModule):
     """Taobao Ad Display/Click data: real (data_dir) or synthetic (generated without data_dir).
 
     Args:
@@ -176,7 +169,6 @@ class TaobaoDataModule(CTRDataModule):
         self.on_bad_rows = on_bad_rows
         self.cache_dir = Path(cache_dir or os.environ.get("FLTK_CACHE")
                               or Path.home() / ".cache" / "fltk")
-        self._prepared: Path | None = None
 
     # ------------------------------------------------------------------ sources
     def source_dir(self) -> Path:
@@ -191,10 +183,10 @@ class TaobaoDataModule(CTRDataModule):
             f"taobao_rows{self.num_rows}_seed{self.seed}_v{GENERATOR_VERSION}")
         if not (out / "synthetic_meta.json").is_file():
             log.info("generating %d rows of synthetic Taobao data in %s", self.num_rows, out)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_ensure(out.parent)))
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ensure_dir(out.parent)))
             try:
                 generate_taobao(tmp, num_rows=self.num_rows, seed=self.seed)
-                _publish(tmp, out, "synthetic_meta.json")
+                publish(tmp, out, "synthetic_meta.json")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return out
@@ -209,20 +201,11 @@ class TaobaoDataModule(CTRDataModule):
             "utc_offset_hours": self.utc_offset_hours,
             "test_days": self.test_days,
             "on_bad_rows": self.on_bad_rows,
-            "sources": [_fingerprint(source / n) for n in (RAW_SAMPLE, USER_PROFILE, AD_FEATURE)],
+            "sources": [fingerprint(source / n) for n in (RAW_SAMPLE, USER_PROFILE, AD_FEATURE)],
         }
-        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        return config_hash(config)
 
     # ------------------------------------------------------------------ prepare
-    def prepare_data(self) -> None:
-        self._prepared_dir()
-
-    def _prepared_dir(self) -> Path:
-        """The preprocessed cache directory, built on first use (prepare_data, then setup)."""
-        if self._prepared is None:
-            self._prepared = self._build_prepared_dir()
-        return self._prepared
-
     def _build_prepared_dir(self) -> Path:
         source = self.source_dir()
         for name in (RAW_SAMPLE, USER_PROFILE, AD_FEATURE):
@@ -230,20 +213,7 @@ class TaobaoDataModule(CTRDataModule):
                 raise DataError(f"{source / name}: file not found (a Taobao data_dir holds "
                                 f"{RAW_SAMPLE}, {USER_PROFILE} and {AD_FEATURE})")
         out = self.cache_dir / "prepared" / f"taobao-{self.cache_key(source)}"
-        if (out / "meta.json").is_file():
-            log.info("data: using cached preprocessing %s", out)
-            return out
-        started = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_ensure(out.parent)))
-        try:
-            meta = self._preprocess(source, tmp)
-            meta["preprocess_seconds"] = round(time.perf_counter() - started, 3)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            _publish(tmp, out, "meta.json")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        log.info("data: preprocessed %s in %.1f s -> %s", source, meta["preprocess_seconds"], out)
-        return out
+        return build_once(out, source, lambda tmp: self._preprocess(source, tmp))
 
     def _good_rows(self, path: Path, work: Path) -> tuple[pl.LazyFrame, int]:
         """One CSV's well-formed rows (read from a parquet copy in `work`) and how many were bad.
@@ -387,23 +357,3 @@ def _tensor(frame: pl.DataFrame, columns: list[str], dtype: type, width: int) ->
         return torch.zeros((frame.height, 0), dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
     array = frame.select(columns).to_numpy()
     return torch.from_numpy(np.require(array, dtype, requirements=["C", "W"]))
-
-
-def _publish(tmp: Path, out: Path, marker: str) -> None:
-    """Move a finished directory into place; a concurrent run that got there first wins.
-
-    A directory without its `marker` file is debris of an interrupted run and is replaced.
-    """
-    if (out / marker).is_file():
-        return
-    shutil.rmtree(out, ignore_errors=True)
-    try:
-        tmp.rename(out)
-    except OSError:
-        if not (out / marker).is_file():
-            raise
-
-
-def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
