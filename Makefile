@@ -27,7 +27,7 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check fltoolkit recsys datamodules tests benchmarks
+	$(VENV)/bin/ruff check fltoolkit recsys datamodules tests benchmarks examples
 
 bench: setup
 	$(PY) benchmarks/prepare.py

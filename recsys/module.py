@@ -84,14 +84,18 @@ class CTRModule(L.LightningModule):
             return
         self.features = features
         self.to_kjt = SingleIdFeatures(features.sparse)
-        self.model = build_dlrm(
-            features.sparse, features.cardinalities, len(features.dense),
-            self.embedding_dim, self.dense_hidden, self.over_hidden,
-        )
+        self.model = self.build_network(features)
         if self.prior_bias and features.label_mean is not None:
             output = [m for m in self.model.over_arch.modules() if isinstance(m, nn.Linear)][-1]
             with torch.no_grad():
                 output.bias.fill_(math.log(features.label_mean / (1 - features.label_mean)))
+
+    def build_network(self, features: FeatureSpec) -> nn.Module:
+        """The network for these features: TorchRec's DLRM. Override it to plug in another
+        architecture with the same arches (sparse, dense, interaction, over; e.g. DLRM_DCN):
+        its tables must sit in an EmbeddingBagCollection named like the sparse features."""
+        return build_dlrm(features.sparse, features.cardinalities, len(features.dense),
+                          self.embedding_dim, self.dense_hidden, self.over_hidden)
 
     def configure_model(self) -> None:
         """Lightning hook: take the features from the trainer's datamodule if not built yet."""
