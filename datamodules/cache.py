@@ -51,22 +51,34 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
+def generate_once(out: Path, marker: str, generate: Callable[[Path], object]) -> Path:
+    """`out`, filled by `generate(tmp_dir)` unless a finished copy (one holding `marker`)
+    exists; built in a temp directory renamed into place, so a crash leaves no half copy."""
+    if not (out / marker).is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ensure_dir(out.parent)))
+        try:
+            generate(tmp)
+            publish(tmp, out, marker)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def build_once(out: Path, source: Path, build: Callable[[Path], dict[str, Any]]) -> Path:
-    """`out`, preprocessed from `source` by `build(tmp_dir) -> meta` unless a finished copy
-    (one with meta.json) exists; a crash mid-build leaves no half-written cache behind."""
+    """`out`, preprocessed from `source` by `build(tmp_dir) -> meta` (written as meta.json)
+    unless a finished copy exists."""
     if (out / "meta.json").is_file():
         log.info("data: using cached preprocessing %s", out)
         return out
     started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ensure_dir(out.parent)))
-    try:
+
+    def preprocess(tmp: Path) -> None:
         meta = build(tmp)
         meta["preprocess_seconds"] = round(time.perf_counter() - started, 3)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        publish(tmp, out, "meta.json")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("data: preprocessed %s in %.1f s -> %s", source, meta["preprocess_seconds"], out)
+
+    generate_once(out, "meta.json", preprocess)
+    log.info("data: preprocessed %s in %.1f s -> %s", source, time.perf_counter() - started, out)
     return out
 
 

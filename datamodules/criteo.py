@@ -22,9 +22,10 @@ import numpy as np
 import polars as pl
 
 from datamodules.base import CTRDataModule, DataError, FeatureSpec, PreparedData
-from datamodules.cache import PreparedCache, build_once, config_hash, fingerprint
+from datamodules.cache import PreparedCache, build_once, config_hash, fingerprint, generate_once
 from datamodules.clients import ClientTable
 from datamodules.partition import Kind, Partitioner, describe, to_client_table
+from datamodules.synthetic_criteo import GENERATOR_VERSION, META_FILE, generate_criteo
 from datamodules.taobao import FIRST_VOCAB_INDEX, MISSING_INDEX, OOV_INDEX, _tensor
 
 log = logging.getLogger("fltk.data")
@@ -41,10 +42,12 @@ LINE = "_line"  # 1-based line number of a row in train.txt
 
 
 class CriteoDataModule(PreparedCache, CTRDataModule):
-    """Criteo click log, split by line order, with clients drawn by a partitioner.
+    """Criteo click log (real or synthetic), split by line order, clients from a partitioner.
 
     Args:
-        data_dir: folder holding `train.txt` (required).
+        data_dir: folder holding `train.txt`. Unset: synthetic data in the real format, with a
+            known oracle AUC, is generated (num_rows lines, from `seed`) under cache_dir.
+        num_rows: lines of synthetic data to generate (ignored with data_dir).
         test_fraction: share of the lines, taken from the end of the file, held out as the test
             split: line i (0-based) is train when i < (1 - test_fraction) * N.
         min_count: in vocabulary mode, categories seen fewer times in train share the OOV index.
@@ -55,7 +58,7 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         partition: how rows are dealt to clients: `iid`, `dirichlet` (label skew, `alpha`) or
             `power_law` (Zipf-like sizes, `exponent`); see datamodules.partition.
         num_clients, alpha, exponent: passed to the Partitioner.
-        cache_dir: where the preprocessed parquet splits live.
+        cache_dir: where generated data and the preprocessed parquet splits live.
         batch_size, eval_batch_size, min_client_samples, seed: see CTRDataModule; `seed` also
             seeds the partition.
 
@@ -73,7 +76,8 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
 
     def __init__(
         self,
-        data_dir: str,
+        data_dir: str | None = None,
+        num_rows: int = 200_000,
         test_fraction: float = 0.1,
         min_count: int = 1,
         num_embeddings_per_feature: list[int] | None = None,
@@ -88,8 +92,8 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, min_client_samples, seed)
-        if not data_dir:
-            raise ValueError("data.data_dir is required: the folder holding Criteo's train.txt")
+        if num_rows < 10:
+            raise ValueError(f"data.num_rows must be >= 10, got {num_rows}")
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
         if min_count < 1:
@@ -112,7 +116,8 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         except ValueError as e:  # name the config argument, not the Partitioner's
             raise ValueError(f"data.{str(e).removeprefix('partition: ')}") from e
         self.num_clients = num_clients
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.num_rows = num_rows
         self.test_fraction = test_fraction
         self.min_count = min_count
         self.num_embeddings_per_feature = num_embeddings_per_feature
@@ -121,10 +126,20 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
 
     # ------------------------------------------------------------------ prepare
     def source(self) -> Path:
-        path = self.data_dir / TRAIN_FILE
+        """train.txt of data_dir, or of synthetic data generated once under cache_dir."""
+        path = (self.data_dir or self._synthetic_dir()) / TRAIN_FILE
         if not path.is_file():
             raise DataError(f"{path}: file not found (a Criteo data_dir holds {TRAIN_FILE})")
         return path
+
+    def _synthetic_dir(self) -> Path:
+        out = self.cache_dir / "synthetic" / (
+            f"criteo-{self.num_rows}-{self.seed}-{GENERATOR_VERSION}")
+        if not (out / META_FILE).is_file():
+            log.info("generating %d lines of synthetic Criteo data in %s", self.num_rows, out)
+        return generate_once(out, META_FILE,
+                             lambda tmp: generate_criteo(tmp, num_rows=self.num_rows,
+                                                         seed=self.seed))
 
     def cache_key(self, source: Path) -> str:
         """Hash of everything the cached parquet depends on (not the partition: see `load`)."""
@@ -211,19 +226,25 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         for split, keep in (("train", is_train), ("test", ~is_train)):
             raw.filter(keep).select(columns).sink_parquet(out / f"{split}.parquet")
         (out / "raw.parquet").unlink()
-        return {
+        meta = {
             "source": str(source),
             "cardinalities": cardinalities,
             "hashed": self.num_embeddings_per_feature is not None,
             "rows_train": num_train,
             "rows_test": num_rows - num_train,
         }
+        synthetic = source.parent / META_FILE
+        if synthetic.is_file():  # the oracle was scored on the generator's test split only
+            planted = json.loads(synthetic.read_text())
+            if planted["test_fraction"] == self.test_fraction:
+                meta["oracle_auc"] = planted["oracle_auc"]
+        return meta
 
     # ------------------------------------------------------------------ load
     def load(self) -> PreparedData:
         prepared = self._prepared_dir()
         meta = json.loads((prepared / "meta.json").read_text())
-        info: dict[str, Any] = {"source": meta["source"]}
+        info: dict[str, Any] = {k: meta[k] for k in ("source", "oracle_auc") if k in meta}
         tables: dict[str, ClientTable] = {}
         for split, partitioner in (
             ("train", self.partitioner),

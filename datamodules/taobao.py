@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,14 +21,7 @@ import polars as pl
 import torch
 
 from datamodules.base import CTRDataModule, DataError, FeatureSpec, PreparedData
-from datamodules.cache import (
-    PreparedCache,
-    build_once,
-    config_hash,
-    ensure_dir,
-    fingerprint,
-    publish,
-)
+from datamodules.cache import PreparedCache, build_once, config_hash, fingerprint, generate_once
 from datamodules.clients import ClientTable
 from datamodules.csv_check import Rule, check_csv
 
@@ -183,13 +174,9 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
             f"taobao_rows{self.num_rows}_seed{self.seed}_v{GENERATOR_VERSION}")
         if not (out / "synthetic_meta.json").is_file():
             log.info("generating %d rows of synthetic Taobao data in %s", self.num_rows, out)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ensure_dir(out.parent)))
-            try:
-                generate_taobao(tmp, num_rows=self.num_rows, seed=self.seed)
-                publish(tmp, out, "synthetic_meta.json")
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return out
+        return generate_once(out, "synthetic_meta.json",
+                             lambda tmp: generate_taobao(tmp, num_rows=self.num_rows,
+                                                         seed=self.seed))
 
     def cache_key(self, source: Path) -> str:
         """Hash of everything the cached parquet depends on: config and source files."""

@@ -1,0 +1,209 @@
+"""Synthetic data in the format of the Criteo Display Advertising Challenge (Kaggle `train.txt`).
+
+Why it exists: the real log (45M lines) cannot ship with the project and its best achievable AUC
+is unknown, so a weak federated run cannot be told apart from a bug. This writes `train.txt` with
+the real quirks (no header, tab-separated, empty fields for missing values, negative integers in
+I2, trailing empty fields stripped on some lines) from a planted click model whose true
+probabilities are known; `synthetic_meta.json` records the oracle AUC on the last 10% of lines
+(the test split of CriteoDataModule's default `test_fraction`).
+
+The click model is what DLRM can represent: a scalar effect per categorical value (Zipf-like
+value frequencies, 10 to 50k values per feature at 200k rows), the log1p of 13 log-normal counts
+entering linearly, and a small factorized interaction on three feature pairs. Effects of rare
+values are shrunk so the oracle is not far above what can be learned from 200k rows.
+
+Generation is vectorised but not chunked (memory grows with num_rows; fine up to a few million)
+and deterministic: one seed and row count give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from datamodules.synthetic import _sigmoid, _standardized, auc
+
+GENERATOR_VERSION = "criteo-synthetic-1"
+TRAIN_FILE = "train.txt"
+META_FILE = "synthetic_meta.json"
+CLICK_RATE = 0.25  # Criteo's is ~0.26
+TEST_FRACTION = 0.1
+_MISSING = np.iinfo(np.int64).min  # an absent count, written as an empty field
+_REFERENCE_ROWS = 200_000  # vocabulary sizes below are for this many rows, scaled down below it
+_INTERACTION_DIM = 4
+_INTERACTION_SCALE = 0.35  # RMS of each pair's dot product on the logit scale
+_SHRINK_ROWS = 50  # rows at which a value's effect has half its full variance
+_NEGATIVE_I2_RATE = 0.05  # share of I2 values in {-1, -2, -3}, as in the real file
+
+
+@dataclass(frozen=True)
+class _Sparse:
+    """One categorical column: vocabulary size, Zipf exponent, missing rate, effect RMS."""
+
+    size: int
+    zipf: float
+    missing: float
+    effect: float
+
+
+# C1..C26. Only the last three may be missing at the line's end, so a stripped line keeps
+# 37..40 fields, as in the real file. High-cardinality columns get small effects: most of their
+# values are seen a handful of times, and a large planted effect there could not be learned.
+_SPARSE = (
+    _Sparse(1_000, 1.2, 0.0, 0.30), _Sparse(500, 1.1, 0.0, 0.25),
+    _Sparse(50_000, 1.0, 0.03, 0.10), _Sparse(20_000, 1.0, 0.03, 0.10),
+    _Sparse(200, 1.2, 0.0, 0.35), _Sparse(12, 1.0, 0.12, 0.30),
+    _Sparse(8_000, 1.1, 0.0, 0.20), _Sparse(400, 1.3, 0.0, 0.20),
+    _Sparse(10, 1.5, 0.0, 0.15), _Sparse(15_000, 1.0, 0.0, 0.10),
+    _Sparse(3_000, 1.1, 0.0, 0.25), _Sparse(40_000, 1.0, 0.03, 0.10),
+    _Sparse(2_500, 1.1, 0.0, 0.20), _Sparse(25, 1.2, 0.0, 0.35),
+    _Sparse(6_000, 1.1, 0.0, 0.20), _Sparse(30_000, 1.0, 0.03, 0.10),
+    _Sparse(10, 1.0, 0.0, 0.30), _Sparse(3_000, 1.1, 0.0, 0.20),
+    _Sparse(1_500, 1.2, 0.44, 0.20), _Sparse(10, 1.0, 0.44, 0.20),
+    _Sparse(35_000, 1.0, 0.03, 0.10), _Sparse(15, 1.3, 0.76, 0.15),
+    _Sparse(15, 1.2, 0.0, 0.25), _Sparse(10_000, 1.1, 0.0, 0.15),
+    _Sparse(80, 1.2, 0.44, 0.25), _Sparse(8_000, 1.1, 0.44, 0.15),
+)
+# I1..I13: mean and sd of the log count, missing rate, and weight of log1p(count) in the logit.
+_DENSE = (
+    (0.8, 1.2, 0.45, 0.20), (2.0, 1.5, 0.0, -0.10), (2.2, 1.3, 0.21, 0.10),
+    (1.5, 1.0, 0.22, 0.15), (7.0, 2.0, 0.03, -0.10), (3.0, 1.8, 0.22, 0.10),
+    (1.8, 1.5, 0.04, 0.25), (2.0, 1.0, 0.0, 0.05), (3.5, 1.4, 0.04, -0.05),
+    (0.3, 0.6, 0.45, 0.30), (1.0, 1.0, 0.04, 0.20), (0.3, 1.0, 0.77, 0.10),
+    (2.0, 1.2, 0.22, -0.15),
+)
+# Column indices (into C1..C26) of the pairs with a factorized interaction: mid-size columns,
+# whose values are seen often enough for their embeddings to be learned.
+_PAIRS = ((0, 4), (6, 13), (10, 16))
+
+
+def generate_criteo(out_dir: str | Path, num_rows: int = 200_000, seed: int = 0) -> dict:
+    """Write `train.txt` and `synthetic_meta.json` into `out_dir`; return the meta."""
+    if num_rows < 10:
+        raise ValueError(f"num_rows must be >= 10, got {num_rows}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    scale = min(1.0, num_rows / _REFERENCE_ROWS)
+    codes = [_draw_codes(rng, max(2, round(f.size * scale)), f, num_rows) for f in _SPARSE]
+    main = np.zeros(num_rows)
+    for column, feature in zip(codes, _SPARSE, strict=True):
+        main += _value_table(rng, column, feature.effect)[column]
+    counts, dense_logit = _draw_dense(rng, num_rows)
+    interaction = sum(_interaction(rng, codes[a], codes[b]) for a, b in _PAIRS)
+    score = main + dense_logit + interaction
+    bias = _solve_bias(score, CLICK_RATE)
+    probability = _sigmoid(bias + score)
+    label = (rng.random(num_rows) < probability).astype(np.int8)
+    _write(out / TRAIN_FILE, label, counts, codes, rng)
+
+    test = slice(num_rows - round(TEST_FRACTION * num_rows), None)
+    meta = {
+        "generator": "datamodules.synthetic_criteo",
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "num_rows": num_rows,
+        "test_fraction": TEST_FRACTION,
+        "num_test": len(label[test]),
+        "click_rate": float(label.mean()),
+        "bias": bias,
+        "logit_std": float(score.std()),
+        "oracle_auc": auc(probability[test], label[test]),
+        # what a model without feature crosses could reach at best
+        "oracle_auc_without_interactions": auc((main + dense_logit)[test], label[test]),
+        "vocabulary_sizes": [int(c.max(initial=0)) + 1 for c in codes],
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def _draw_codes(rng: np.random.Generator, size: int, feature: _Sparse,
+                rows: int) -> np.ndarray:
+    """Value id of every row (Zipf-like shares, id 0 the most frequent), -1 for missing."""
+    weights = np.arange(1, size + 1, dtype=np.float64) ** -feature.zipf
+    cumulative = np.cumsum(weights / weights.sum())
+    codes = np.minimum(np.searchsorted(cumulative, rng.random(rows)), size - 1)
+    return np.where(rng.random(rows) < feature.missing, -1, codes)
+
+
+def _value_table(rng: np.random.Generator, codes: np.ndarray, rms: float) -> np.ndarray:
+    """Per-value effects (last entry: missing, 0) with mean 0 and RMS `rms` over the rows.
+
+    A value's effect has variance n / (n + _SHRINK_ROWS) for its n rows, so rare values, which
+    no model could learn, carry little of the click signal.
+    """
+    present = codes[codes >= 0]
+    rows = np.bincount(present, minlength=int(codes.max(initial=0)) + 1)
+    raw = rng.normal(0.0, 1.0, len(rows)) * np.sqrt(rows / (rows + _SHRINK_ROWS))
+    return np.r_[_standardized(raw, present, rms), 0.0]
+
+
+def _draw_dense(rng: np.random.Generator, rows: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """13 integer count columns (_MISSING where absent, some negative I2) and their logit term.
+
+    The logit uses the same transform as CriteoDataModule: negatives clamped to 0, log1p,
+    missing -> 0; each column's term is centered on the rows.
+    """
+    counts, logit = [], np.zeros(rows)
+    for index, (mu, sigma, missing, weight) in enumerate(_DENSE):
+        count = np.floor(rng.lognormal(mu, sigma, rows)).astype(np.int64)
+        if index == 1:
+            negative = rng.random(rows) < _NEGATIVE_I2_RATE
+            count = np.where(negative, -rng.integers(1, 4, rows), count)
+        present = rng.random(rows) >= missing
+        feature = np.where(present, np.log1p(np.maximum(count, 0)), 0.0)
+        logit += weight * (feature - feature.mean())
+        counts.append(np.where(present, count, _MISSING))
+    return counts, logit
+
+
+def _interaction(rng: np.random.Generator, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Dot product of per-value vectors of two columns (0 where either is missing)."""
+    vectors = []
+    for codes in (left, right):
+        size = int(codes.max(initial=0)) + 1
+        table = rng.normal(0.0, 1.0, (size, _INTERACTION_DIM))
+        vectors.append(np.r_[table, np.zeros((1, _INTERACTION_DIM))][codes])
+    dot = np.einsum("ij,ij->i", *vectors)
+    return dot * (_INTERACTION_SCALE / max(float(dot.std()), 1e-12))
+
+
+def _solve_bias(score: np.ndarray, click_rate: float) -> float:
+    """Bias giving the target mean click probability over the rows (bisection)."""
+    low, high = -20.0, 20.0
+    for _ in range(60):
+        mid = (low + high) / 2.0
+        low, high = (mid, high) if _sigmoid(mid + score).mean() < click_rate else (low, mid)
+    return (low + high) / 2.0
+
+
+def _hex_names(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Distinct pseudo-random 8-hex-digit strings for value ids 0..size-1.
+
+    An odd multiplier and an offset modulo 2**32 are a bijection, so the names are distinct.
+    """
+    multiplier = int(rng.integers(0, 1 << 31)) * 2 + 1
+    offset = int(rng.integers(0, 1 << 32))
+    ids = (np.arange(size, dtype=np.uint64) * np.uint64(multiplier) + np.uint64(offset))
+    ids &= np.uint64(0xFFFFFFFF)
+    return np.array([f"{i:08x}" for i in ids.tolist()])
+
+
+def _write(path: Path, label: np.ndarray, counts: list[np.ndarray], codes: list[np.ndarray],
+           rng: np.random.Generator) -> None:
+    """train.txt: missing fields empty, trailing empty fields stripped on half of the lines."""
+    columns = [pl.lit(pl.Series(label)).cast(pl.String)]
+    for count in counts:
+        value = pl.lit(pl.Series(count))
+        columns.append(pl.when(value == _MISSING).then(pl.lit("")).otherwise(value.cast(pl.String)))
+    for code in codes:
+        names = np.append(_hex_names(rng, int(code.max(initial=0)) + 1), "")  # [-1]: missing
+        columns.append(pl.lit(pl.Series(names[code])))
+    line = pl.concat_str(columns, separator="\t")
+    strip = pl.lit(pl.Series(rng.random(len(label)) < 0.5))
+    frame = pl.select(pl.when(strip).then(line.str.strip_chars_end("\t")).otherwise(line))
+    frame.write_csv(path, include_header=False, quote_style="never")
