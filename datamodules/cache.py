@@ -51,10 +51,13 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
-def generate_once(out: Path, marker: str, generate: Callable[[Path], object]) -> Path:
+def generate_once(out: Path, marker: str, generate: Callable[[Path], object], what: str
+                  ) -> Path:
     """`out`, filled by `generate(tmp_dir)` unless a finished copy (one holding `marker`)
-    exists; built in a temp directory renamed into place, so a crash leaves no half copy."""
+    exists; built in a temp directory renamed into place, so a crash leaves no half copy.
+    `what` names the work in the log line announcing it."""
     if not (out / marker).is_file():
+        log.info("data: %s in %s", what, out)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ensure_dir(out.parent)))
         try:
             generate(tmp)
@@ -77,7 +80,7 @@ def build_once(out: Path, source: Path, build: Callable[[Path], dict[str, Any]])
         meta["preprocess_seconds"] = round(time.perf_counter() - started, 3)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
-    generate_once(out, "meta.json", preprocess)
+    generate_once(out, "meta.json", preprocess, f"preprocessing {source}")
     log.info("data: preprocessed %s in %.1f s -> %s", source, time.perf_counter() - started, out)
     return out
 

@@ -135,11 +135,10 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
     def _synthetic_dir(self) -> Path:
         out = self.cache_dir / "synthetic" / (
             f"criteo-{self.num_rows}-{self.seed}-{GENERATOR_VERSION}")
-        if not (out / META_FILE).is_file():
-            log.info("generating %d lines of synthetic Criteo data in %s", self.num_rows, out)
         return generate_once(out, META_FILE,
                              lambda tmp: generate_criteo(tmp, num_rows=self.num_rows,
-                                                         seed=self.seed))
+                                                         seed=self.seed),
+                             f"generating {self.num_rows} lines of synthetic Criteo data")
 
     def cache_key(self, source: Path) -> str:
         """Hash of everything the cached parquet depends on (not the partition: see `load`)."""

@@ -172,11 +172,10 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
 
         out = self.cache_dir / "synthetic" / (
             f"taobao_rows{self.num_rows}_seed{self.seed}_v{GENERATOR_VERSION}")
-        if not (out / "synthetic_meta.json").is_file():
-            log.info("generating %d rows of synthetic Taobao data in %s", self.num_rows, out)
         return generate_once(out, "synthetic_meta.json",
                              lambda tmp: generate_taobao(tmp, num_rows=self.num_rows,
-                                                         seed=self.seed))
+                                                         seed=self.seed),
+                             f"generating {self.num_rows} rows of synthetic Taobao data")
 
     def cache_key(self, source: Path) -> str:
         """Hash of everything the cached parquet depends on: config and source files."""

@@ -59,14 +59,6 @@ class RunRecord:
     def finished(self) -> bool:
         return bool(self.summary)
 
-    @property
-    def federated(self) -> bool:
-        return self.summary.get("mode", "federated" if self.rounds.height else "") == "federated"
-
-    @property
-    def has_sim_time(self) -> bool:
-        return "sim_time_s" in self.evaluations.columns
-
     def final(self) -> dict[str, Any]:
         """The final metrics: summary.json's, else the last evaluation's ({} if none)."""
         if self.summary:
