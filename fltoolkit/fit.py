@@ -82,8 +82,7 @@ def run_fit(cli: Any, experiment_name: str) -> Path:
                 with stop_on_signals(lambda: setattr(loop, "stop_requested", True)):
                     final = _train_federated(loop, federated.rounds, run_dir)
             except RunInterrupted:
-                run_dir.close()
-                build_run_report(run_dir.path)
+                build_run_report(run_dir.path)  # from the CSVs; the finally closes the rest
                 raise
             extra = {"mode": "federated", "strategy": loop.strategy.name,
                      "strategy_hyperparameters": loop.strategy.hyperparameters(),
