@@ -7,9 +7,11 @@ turned into a ClientTable (`to_client_table`) without any per-row Python.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +19,8 @@ import torch
 from torch import Tensor
 
 from datamodules.clients import ClientTable
+
+log = logging.getLogger("fltk.data")
 
 Kind = Literal["iid", "dirichlet", "key", "power_law"]
 
@@ -242,3 +246,37 @@ class Partitioner:
         if self.kind == "power_law":
             return power_law(num_rows, self.num_clients, self.exponent, self.seed, self.min_size)
         return iid(num_rows, self.num_clients, self.seed)
+
+
+def config_partitioner(kind: str, num_clients: int, alpha: float, exponent: float, seed: int,
+                       allowed: tuple[str, ...]) -> Partitioner:
+    """A Partitioner from a datamodule's arguments; errors name the `data.` config key."""
+    if kind not in allowed:
+        raise ValueError(f"data.partition must be one of {allowed}, got {kind!r}")
+    try:
+        return Partitioner(cast(Kind, kind), num_clients, alpha, exponent, seed=seed)
+    except ValueError as e:
+        raise ValueError(f"data.{str(e).removeprefix('partition: ')}") from e
+
+
+def partition_splits(partitioner: Partitioner, splits: dict[str, tuple[Tensor, Tensor, Tensor]]
+                     ) -> tuple[dict[str, ClientTable], dict[str, float]]:
+    """ClientTables of the "train" and "test" splits' (dense, sparse, label) rows, and facts.
+
+    Test rows get their own draw of the same partition (seed + 1, no minimum size), so every
+    client's per-client metrics have rows to work on: without a user id nothing links a
+    client's test rows to its train rows, so the two draws are independent. The facts are
+    `describe` of the train partition, keys prefixed `partition_`, and are logged.
+    """
+    draws = {"train": partitioner,
+             "test": dataclasses.replace(partitioner, seed=partitioner.seed + 1, min_size=0)}
+    tables, facts = {}, {}
+    for split, (dense, sparse, label) in splits.items():
+        client_of_row = draws[split](label.numpy())
+        tables[split] = to_client_table(dense, sparse, label, client_of_row)
+        if split == "train":
+            assert partitioner.num_clients is not None  # kind "key" needs keys: not used here
+            facts = describe(client_of_row, partitioner.num_clients, label.numpy())
+            log.info("data: %s partition of train: %s", partitioner.kind,
+                     ", ".join(f"{k}={v:.4g}" for k, v in facts.items()))
+    return tables, {f"partition_{k}": v for k, v in facts.items()}

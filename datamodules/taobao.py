@@ -24,6 +24,7 @@ from datamodules.base import CTRDataModule, DataError, FeatureSpec, PreparedData
 from datamodules.cache import PreparedCache, build_once, config_hash, fingerprint, generate_once
 from datamodules.clients import ClientTable
 from datamodules.csv_check import Rule, check_csv
+from datamodules.partition import config_partitioner, partition_splits
 
 log = logging.getLogger("fltk.data")
 
@@ -69,6 +70,8 @@ CATEGORICAL_COLUMNS = [
 ]
 DERIVED_SPARSE = ["hour"]  # hour of day (local time); the raw Unix time is never an input
 DENSE_COLUMNS = ["price"]
+# "user": the natural split; the others deal rows to synthetic clients (datamodules.partition)
+PARTITIONS = ("user", "iid", "dirichlet", "power_law")
 
 
 def _read_columns(path: Path) -> list[str]:
@@ -113,6 +116,12 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
             with the file, count and first line; `skip` drops such rows with one warning per
             file (counted in the data info as `bad_rows_skipped`). Empty profile levels and
             `NULL` brands are missing values, not malformed.
+        partition: `user` (default): every user is a client, its train and test rows together.
+            `iid`, `dirichlet` or `power_law`: rows are dealt to `num_clients` synthetic clients
+            by a Partitioner (`alpha`, `exponent`; seeded by `seed`; see
+            datamodules.partition), to study a skew the natural split does not have. Applied
+            when the cache is loaded, so changing it does not preprocess again.
+        num_clients, alpha, exponent: passed to the Partitioner (ignored for `user`).
         cache_dir: where generated data and preprocessed parquet caches live.
         batch_size, eval_batch_size, min_client_samples, seed: see CTRDataModule.
     """
@@ -127,6 +136,10 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
         utc_offset_hours: int = 8,
         test_days: int = 1,
         on_bad_rows: Literal["error", "skip"] = "error",
+        partition: str = "user",
+        num_clients: int = 1000,
+        alpha: float = 0.5,
+        exponent: float = 1.0,
         cache_dir: str | None = None,
         batch_size: int = 256,
         eval_batch_size: int = 65536,
@@ -152,6 +165,8 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
             raise ValueError("data.min_count, data.test_days and data.num_rows must be >= 1")
         if on_bad_rows not in ("error", "skip"):
             raise ValueError(f"data.on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
+        self.partitioner = (None if partition == "user" else config_partitioner(
+            partition, num_clients, alpha, exponent, seed, PARTITIONS))
         self.data_dir = Path(data_dir) if data_dir else None
         self.num_rows = num_rows
         self.min_count = min_count
@@ -318,18 +333,24 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
         meta = json.loads((prepared / "meta.json").read_text())
         sparse_cols = [f"s_{n}" for n in meta["sparse_features"]]
         dense_cols = [f"d_{n}" for n in meta["dense_features"]]
-        tables = {}
+        splits = {}
         for split in ("train", "test"):
             frame = pl.read_parquet(prepared / f"{split}.parquet")
-            tables[split] = ClientTable.from_sorted(
-                dense=_tensor(frame, dense_cols, np.float32, width=len(dense_cols)),
-                sparse=_tensor(frame, sparse_cols, np.int64, width=len(sparse_cols)),
-                label=_tensor(frame, ["label"], np.float32, width=1).reshape(-1),
-                client_key=_tensor(frame, ["user"], np.int64, width=1).reshape(-1),
-            )
+            rows = (_tensor(frame, dense_cols, np.float32, width=len(dense_cols)),
+                    _tensor(frame, sparse_cols, np.int64, width=len(sparse_cols)),
+                    _tensor(frame, ["label"], np.float32, width=1).reshape(-1))
+            splits[split] = (rows, _tensor(frame, ["user"], np.int64, width=1).reshape(-1))
+        partition_facts: dict[str, float] = {}
+        if self.partitioner is None:  # rows are stored sorted by user
+            tables = {split: ClientTable.from_sorted(*rows, client_key=users)
+                      for split, (rows, users) in splits.items()}
+        else:
+            tables, partition_facts = partition_splits(
+                self.partitioner, {split: rows for split, (rows, _) in splits.items()})
         info = {k: meta[k] for k in ("baseline_auc", "oracle_auc", "bad_rows_skipped")
                 if meta.get(k) is not None}
         info["source"] = meta["source"]
+        info.update(partition_facts)
         label_mean = float(tables["train"].label.mean())
         features = FeatureSpec(meta["sparse_features"], meta["cardinalities"],
                                meta["dense_features"],

@@ -141,3 +141,24 @@ def test_real_excerpt_loads_with_every_row_accounted_for(tmp_path):
     assert dm.data.test.num_rows > 0 and dm.data.train.num_rows > 0
     assert int(dm.data.train.label.sum() + dm.data.test.label.sum()) == pl.read_csv(
         REAL_EXCERPT / "raw_sample.csv")["clk"].sum()
+
+
+def test_partitioner_replaces_the_user_split_on_the_same_cache(taobao_dir, tmp_path, monkeypatch):
+    natural = _module(taobao_dir, tmp_path)
+    monkeypatch.setattr(TaobaoDataModule, "_preprocess",
+                        lambda *a, **k: pytest.fail("a partition change re-preprocessed"))
+    dealt = _module(taobao_dir, tmp_path, partition="iid", num_clients=2, seed=3)
+    train = dealt.data.train
+    assert train.client_ids.tolist() == [0, 1]
+    assert train.client_sizes().tolist() == [3, 2]  # 5 train rows dealt round-robin
+    assert sorted(train.label.tolist()) == sorted(natural.data.train.label.tolist())
+    assert dealt.data.test.num_rows == 3
+    assert dealt.data.info["partition_num_clients"] == 2
+    assert dealt.data.info["partition_size_max"] == 3
+
+
+def test_unknown_partition_lists_the_choices():
+    with pytest.raises(ValueError, match="data.partition must be one of .*'user'"):
+        TaobaoDataModule(partition="key")
+    with pytest.raises(ValueError, match="data.alpha"):
+        TaobaoDataModule(partition="dirichlet", alpha=-1.0)
