@@ -111,6 +111,7 @@ class CohortTrainer:
         self.proximal_mu = proximal_mu
         self.local_tables = local_tables
         self.optimizer_states = optimizer_states
+        self.dense_size = sum(p.numel() for p in parts.dense)
         self.dense_bytes = sum(p.numel() * p.element_size() for p in parts.dense)
 
     def train_round(self, clients: Sequence[int], seeds: Sequence[int]) -> list[ClientUpdate]:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from datamodules.clients import ClientTable
+from fltoolkit.distributed import Ranks
 from fltoolkit.model_parts import ModelParts
 from fltoolkit.privacy.local_tables import LocalTableStore
 from recsys.metrics import ctr_metrics, group_auc
@@ -32,29 +33,41 @@ class Evaluation:
 
 @torch.no_grad()
 def predict_logits(module: torch.nn.Module, table: ClientTable, batch_size: int,
-                   sparse: Tensor | None = None) -> Tensor:
-    """Logits [N] of every row; `sparse` replaces the table's ids when given."""
+                   sparse: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
+    """Logits of the table's `rows` (all by default) in that order; `sparse` replaces the
+    table's ids when given."""
     module.eval()
     sparse = table.sparse if sparse is None else sparse
-    outputs = [module(table.dense[start:start + batch_size], sparse[start:start + batch_size])
-               for start in range(0, table.num_rows, batch_size)]
+    dense = table.dense
+    if rows is not None:
+        dense, sparse = dense[rows], sparse[rows]
+    outputs = [module(dense[start:start + batch_size], sparse[start:start + batch_size])
+               for start in range(0, dense.shape[0], batch_size)]
     return torch.cat(outputs) if outputs else torch.zeros(0)
 
 
 def evaluate(module: torch.nn.Module, parts: ModelParts, table: ClientTable, batch_size: int,
-             train_clients: Tensor, local_tables: LocalTableStore | None = None
-             ) -> Evaluation:
+             train_clients: Tensor, local_tables: LocalTableStore | None = None,
+             ranks: Ranks | None = None) -> Evaluation:
     """Metrics of the global model (with each client's local rows) on `table`.
 
     `train_clients` ([C] sorted raw client ids of the training table) maps a test row's client
-    to the training client whose local rows score it.
+    to the training client whose local rows score it. Under several `ranks`, each scores the
+    rows of the clients it owns and the metrics are computed over the pooled logits.
     """
+    ranks = ranks or Ranks()
     groups = table.row_clients()
+    training_client = _training_client(table, groups, train_clients)
+    # A test client unknown to training has no local rows: any rank can score it.
+    owner = torch.where(training_client >= 0, training_client, groups) % ranks.world_size
+    rows = torch.nonzero(owner == ranks.rank).reshape(-1) if ranks.distributed else None
     if local_tables is None:
-        logits = predict_logits(module, table, batch_size)
+        logits = predict_logits(module, table, batch_size, rows=rows)
     else:
-        with _client_rows_swapped(parts, table, groups, train_clients, local_tables) as sparse:
-            logits = predict_logits(module, table, batch_size, sparse)
+        with _client_rows_swapped(parts, table, training_client, local_tables) as sparse:
+            logits = predict_logits(module, table, batch_size, sparse, rows)
+    if rows is not None:
+        logits = ranks.pooled(logits, rows, table.num_rows)
     positions, rows, client_auc = group_auc(logits, table.label, groups)
     clients = pl.DataFrame({"client": table.client_ids[positions].numpy(),
                             "test_rows": rows.astype("int64"), "test_auc": client_auc},
@@ -62,12 +75,18 @@ def evaluate(module: torch.nn.Module, parts: ModelParts, table: ClientTable, bat
     return Evaluation(ctr_metrics(logits, table.label, groups), clients)
 
 
-@contextmanager
-def _client_rows_swapped(parts: ModelParts, table: ClientTable, groups: Tensor,
-                         train_clients: Tensor, store: LocalTableStore) -> Iterator[Tensor]:
+def _training_client(table: ClientTable, groups: Tensor, train_clients: Tensor) -> Tensor:
+    """[N] position in the training table of each row's client, -1 where it has none."""
     raw = table.client_ids[groups]
+    if not train_clients.numel():
+        return torch.full_like(raw, -1)
     position = torch.searchsorted(train_clients, raw).clamp(max=train_clients.numel() - 1)
-    clients = torch.where(train_clients[position] == raw, position, -1)
+    return torch.where(train_clients[position] == raw, position, -1)
+
+
+@contextmanager
+def _client_rows_swapped(parts: ModelParts, table: ClientTable, clients: Tensor,
+                         store: LocalTableStore) -> Iterator[Tensor]:
     sparse = table.sparse.clone()
     originals = {}
     for name, part in parts.tables.items():

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 from fltoolkit.checkpoint import load_latest, save_checkpoint
 from fltoolkit.config import ConfigError
+from fltoolkit.distributed import Ranks
 from fltoolkit.loop import FederatedLoop, RunInterrupted
 from fltoolkit.reports.build import build_run_report
 from fltoolkit.reports.run_dir import RunDirectory, next_version
@@ -47,23 +49,51 @@ class EvaluationRecorder(L.Callback):
                 f"batch {batch_idx}: lower the learning rates (model.*_optimizer)")
 
 
-def run_fit(cli: Any, experiment_name: str) -> Path:
-    """Run the experiment parsed by `cli` (an FltkCLI) and return its run directory."""
+def run_fit(cli: Any, experiment_name: str) -> Path | None:
+    """Run the experiment parsed by `cli` (an FltkCLI) and return its run directory.
+
+    Under torchrun every rank runs this; rank 0 writes the run directory and returns it, the
+    others train their share of each cohort and return None.
+    """
+    ranks = Ranks.from_environment()
+    try:
+        return _run_fit(cli, experiment_name, ranks)
+    finally:
+        ranks.close()
+
+
+def _run_fit(cli: Any, experiment_name: str, ranks: Ranks) -> Path | None:
     config = cli.config
     federated = cli.config_init["federated"]
+    if ranks.distributed and not federated.enabled:
+        raise ConfigError("several ranks (torchrun) split federated cohorts; centralized "
+                          "training runs in one process (set federated.enabled true)")
+    if not ranks.is_main:
+        log.setLevel(logging.WARNING)
     datamodule, model = cli.datamodule, cli.model
-    datamodule.prepare_data()
+    if ranks.prepares_data:  # the machine's other ranks read the cache it builds
+        datamodule.prepare_data()
+    ranks.barrier()
     datamodule.setup("fit")
     model.configure_features(datamodule.feature_spec)
+    ranks.broadcast_module(model)
     loop = None
     if federated.enabled:
         loop = FederatedLoop(model, datamodule.data, federated, seed=config.seed,
                              eval_batch_size=datamodule.eval_batch_size,
-                             systems=cli.config_init["systems"])
+                             systems=cli.config_init["systems"], ranks=ranks)
+        if ranks.distributed:
+            log.info("%d ranks share each cohort (gloo/nccl: %s)", ranks.world_size,
+                     torch.distributed.get_backend())
+    if not ranks.is_main:
+        assert loop is not None  # checked above: distributed runs are federated
+        _follow(loop, ranks, bool(config.resume))
+        return None
 
     resolved = cli.parser.dump(config, skip_none=False)
     if config.resume:
         run_dir = _resumed(config.resume, experiment_name, resolved, loop)
+        ranks.broadcast(str(run_dir.path))
     else:
         run_dir = RunDirectory(config.run_dir or next_version(Path("runs") / experiment_name))
         run_dir.write_config(resolved)
@@ -111,6 +141,16 @@ def run_fit(cli: Any, experiment_name: str) -> Path:
     log.info("final: auc %.4f (baseline %s, oracle %s) -> %s", summary["auc"],
              _fmt(summary.get("baseline_auc")), _fmt(summary.get("oracle_auc")), html)
     return run_dir.path
+
+
+def _follow(loop: FederatedLoop, ranks: Ranks, resume: bool) -> None:
+    """A rank other than 0: the same rounds, checkpoints and evaluations, no files written."""
+    if resume:  # the run directory rank 0 resolved (and checked)
+        _, state = load_latest(Path(ranks.broadcast(None)) / "checkpoints")
+        loop.load_state_dict(state)
+    loop.on_checkpoint = lambda round_index: loop.state_dict()  # collective: every rank joins
+    with stop_on_signals(lambda: setattr(loop, "stop_requested", True)):
+        loop.run()
 
 
 def _resumed(resume: str, experiment_name: str, resolved: str,

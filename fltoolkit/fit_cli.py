@@ -130,8 +130,9 @@ def constructor_error(message: str) -> str:
     return reasons[0] if reasons else message.splitlines()[0]
 
 
-def fit(args: list[str]) -> Path:
-    """Parse, validate and run one experiment; returns its run directory."""
+def fit(args: list[str]) -> Path | None:
+    """Parse, validate and run one experiment; returns its run directory (None on the ranks
+    other than 0 of a torchrun launch, which write nothing)."""
     from fltoolkit.fit import run_fit
 
     cli = FltkCLI(args)

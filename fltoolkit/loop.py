@@ -25,6 +25,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from datamodules.base import PreparedData
 from fltoolkit.client import CohortTrainer, LocalSchedule
 from fltoolkit.config import ConfigError, FederatedConfig
+from fltoolkit.distributed import Ranks
 from fltoolkit.evaluation import evaluate
 from fltoolkit.faults import norm_outliers
 from fltoolkit.model_parts import split_parameters
@@ -89,14 +90,17 @@ class FederatedLoop:
             the round's simulated duration and the clock (e.g. to write rounds.csv).
         systems: simulated devices and round policy; None or disabled: every selected client
             is aggregated and there is no clock.
+        ranks: the processes sharing the cohort (fltoolkit.distributed); one by default.
     """
 
     def __init__(self, module: torch.nn.Module, data: PreparedData, config: FederatedConfig,
                  seed: int, eval_batch_size: int = 65536,
                  on_evaluation: Callable[[dict[str, Any]], None] | None = None,
                  systems: SystemsConfig | None = None,
-                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_round: Callable[[dict[str, Any]], None] | None = None,
+                 ranks: Ranks | None = None) -> None:
         self.module, self.data, self.config, self.seed = module, data, config, seed
+        self.ranks = ranks or Ranks()
         self.eval_batch_size = eval_batch_size
         self.on_evaluation = on_evaluation or (lambda row: None)
         self.on_round = on_round or (lambda row: None)
@@ -167,10 +171,11 @@ class FederatedLoop:
             self.wall_time_s = time.perf_counter() - started
             if progress is not None:
                 progress(round_index, self.last if evaluate_now else None)
+            stop = self.ranks.any(self.stop_requested)  # every rank stops after the same round
             if (round_index % self.config.checkpoint_interval == 0
-                    or round_index == self.config.rounds or self.stop_requested):
+                    or round_index == self.config.rounds or stop):
                 self.on_checkpoint(round_index)
-            if self.stop_requested and round_index < self.config.rounds:
+            if stop and round_index < self.config.rounds:
                 raise RunInterrupted(round_index)
         last = dict(self.last)
         last.update(bytes_up_total=self.totals.bytes_up, bytes_down_total=self.totals.bytes_down,
@@ -183,15 +188,22 @@ class FederatedLoop:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue exactly (tensors and plain values only,
-        so a checkpoint loads with `torch.load(weights_only=True)`)."""
+        so a checkpoint loads with `torch.load(weights_only=True)`).
+
+        Collective under several ranks: each holds its own clients' local rows and optimizer
+        state, and every rank receives all of them."""
+        local_tables = _merged_by_client(self.ranks.gather(
+            self.local_tables.state_dict() if self.local_tables else None), depth=2)
+        optimizer_states = _merged_by_client(self.ranks.gather(
+            self.trainer.optimizer_states.state_dict(self._parameters())
+            if self.trainer.optimizer_states else None), depth=1)
         return {
             "completed_rounds": self.completed_rounds,
             "module": self.module.state_dict(),
             "strategy": self.strategy.state_dict(),
             "selector": self.selector.state_dict(),
-            "local_tables": self.local_tables.state_dict() if self.local_tables else None,
-            "optimizer_states": (self.trainer.optimizer_states.state_dict(self._parameters())
-                                 if self.trainer.optimizer_states else None),
+            "local_tables": local_tables,
+            "optimizer_states": optimizer_states,
             "sim_time_s": self.sim_time_s,
             "wall_time_s": self.wall_time_s,
             "participation": torch.from_numpy(self.participation.copy()),
@@ -245,8 +257,12 @@ class FederatedLoop:
             stats.rounds += 1
             return
         clients = np.array(chosen)
-        seeds = [self._client_seed(round_index, client) for client in chosen]
-        updates = self._accepted(self.trainer.train_round(chosen, seeds), round_index, stats)
+        mine = [client for client in chosen if self.ranks.owns(client)]
+        trained = self.trainer.train_round(
+            mine, [self._client_seed(round_index, client) for client in mine]) if mine else []
+        updates = self._accepted(
+            self.ranks.cohort_updates(chosen, trained, self.trainer.dense_size),
+            round_index, stats)
         stats.rounds += 1
         stats.clients += len(clients)
         stats.aggregated += len(updates)
@@ -377,7 +393,7 @@ class FederatedLoop:
 
     def _evaluate(self, round_index: int, stats: RoundStats, started: float) -> dict[str, Any]:
         result = evaluate(self.module, self.parts, self.data.test, self.eval_batch_size,
-                          self.data.train.client_ids, self.local_tables)
+                          self.data.train.client_ids, self.local_tables, self.ranks)
         metrics, self.test_clients = result.metrics, result.clients
         row = {
             "round": round_index,
@@ -396,3 +412,14 @@ class FederatedLoop:
         self.history.append(row)
         self.on_evaluation(row)
         return row
+
+
+def _merged_by_client(parts: list[Any], depth: int) -> Any:
+    """The union of the ranks' parts of a state keyed by client ({client: ...} at depth 1,
+    {table: {client: ...}} at depth 2); each rank holds its own clients, so keys are disjoint."""
+    if parts[0] is None or len(parts) == 1:
+        return parts[0]
+    if depth == 1:
+        return {client: value for part in parts for client, value in part.items()}
+    return {key: _merged_by_client([part[key] for part in parts], depth - 1)
+            for key in parts[0]}
