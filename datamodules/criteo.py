@@ -10,21 +10,21 @@ fixed-size hash buckets. Criteo has no user id, so clients come from a `Partitio
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from datamodules.base import CTRDataModule, DataError, FeatureSpec, PreparedData
 from datamodules.cache import PreparedCache, build_once, config_hash, fingerprint, generate_once
-from datamodules.clients import ClientTable
-from datamodules.partition import Kind, Partitioner, describe, to_client_table
+from datamodules.partition import config_partitioner, partition_splits
 from datamodules.synthetic_criteo import GENERATOR_VERSION, META_FILE, generate_criteo
 from datamodules.taobao import FIRST_VOCAB_INDEX, MISSING_INDEX, OOV_INDEX, _tensor
 
@@ -39,6 +39,8 @@ SCHEMA = {"label": pl.String, **dict.fromkeys(DENSE_COLUMNS, pl.Int64),
           **dict.fromkeys(SPARSE_COLUMNS, pl.String)}
 PARTITIONS = ("iid", "dirichlet", "power_law")  # "key" needs a user id, which Criteo lacks
 LINE = "_line"  # 1-based line number of a row in train.txt
+INDEX = "_index"  # a vocabulary's index column while it is joined
+Encoder = Callable[[pl.LazyFrame], pl.LazyFrame]
 
 
 class CriteoDataModule(PreparedCache, CTRDataModule):
@@ -67,11 +69,11 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
     identity linking a client's test rows to its train rows, so the two draws are independent.
 
     Memory: parsing (text -> parquet), the vocabulary counts and the encoding of both splits run
-    as lazy polars queries sunk to parquet, so the raw file is never held in memory at once.
-    Not streamed: each vocabulary (the largest Criteo columns have millions of values), and
-    `load`, which holds both encoded splits as tensors (plus one copy while rows are grouped by
-    client) and the partition's per-row client arrays. Partitioning runs in `load`, so changing
-    the partition reuses the cache.
+    as streaming polars queries sunk to parquet, so the raw file is never held in memory at once.
+    Not streamed: the vocabularies (~33M values for the Kaggle file, a few GB with their join
+    hash tables), and `load`, which holds both encoded splits as tensors (plus one copy while
+    rows are grouped by client) and the partition's per-row client arrays. Partitioning runs in
+    `load`, so changing the partition reuses the cache.
     """
 
     def __init__(
@@ -108,14 +110,8 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
                 raise ValueError("data.min_count and data.num_embeddings_per_feature exclude "
                                  "each other (hash buckets have no vocabulary to prune)")
             num_embeddings_per_feature = sizes
-        if partition not in PARTITIONS:
-            raise ValueError(f"data.partition must be one of {PARTITIONS}, got {partition!r}")
-        try:
-            self.partitioner = Partitioner(cast(Kind, partition), num_clients, alpha, exponent,
-                                           seed=seed)
-        except ValueError as e:  # name the config argument, not the Partitioner's
-            raise ValueError(f"data.{str(e).removeprefix('partition: ')}") from e
-        self.num_clients = num_clients
+        self.partitioner = config_partitioner(partition, num_clients, alpha, exponent, seed,
+                                              PARTITIONS)
         self.data_dir = Path(data_dir) if data_dir else None
         self.num_rows = num_rows
         self.test_fraction = test_fraction
@@ -171,19 +167,43 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         try:
             scan.sink_parquet(raw_path)
         except pl.exceptions.PolarsError as e:
-            reason = str(e).strip().splitlines()[0]
-            raise DataError(f"{source}: cannot parse as Criteo (label, 13 integers, 26 "
-                            f"categories, tab-separated): {reason}") from e
+            reason = (CriteoDataModule._bad_integer(source)
+                      or "cannot parse as Criteo (label, 13 integers, 26 categories, "
+                      f"tab-separated): {str(e).strip().splitlines()[0]}")
+            raise DataError(f"{source}: {reason}") from e
         raw = pl.scan_parquet(raw_path)
         bad = (raw.filter(~pl.col("label").is_in(["0", "1"]).fill_null(False))
-               .select(LINE, "label").head(1).collect())
+               .select(LINE, "label").head(1).collect(engine="streaming"))
         if bad.height:
             raise DataError(f"{source}: line {bad[LINE][0]}: label {bad['label'][0]!r} "
                             "is not 0 or 1")
         return raw
 
-    def _encoders(self, train: pl.LazyFrame) -> tuple[list[pl.Expr], list[int]]:
-        """One index expression and cardinality per categorical column (index 0 = missing)."""
+    @staticmethod
+    def _bad_integer(source: Path) -> str | None:
+        """`line N: I3 'abc' is not an integer` for the first such field, if there is one.
+
+        Run only once parsing failed, to say where polars' reason (which has no line) arose;
+        None if the file fails for another reason, such as a line with too many fields.
+        """
+        schema = {**SCHEMA, **dict.fromkeys(DENSE_COLUMNS, pl.String)}
+        scan = pl.scan_csv(source, separator="\t", has_header=False, schema=schema,
+                           quote_char=None, missing_columns="insert")
+        bad = [pl.col(name).is_not_null() & pl.col(name).str.to_integer(strict=False).is_null()
+               for name in DENSE_COLUMNS]
+        try:
+            first = (scan.with_row_index(LINE, offset=1).filter(pl.any_horizontal(bad))
+                     .head(1).collect(engine="streaming"))
+        except pl.exceptions.PolarsError:
+            return None
+        if not first.height:
+            return None
+        name = next(n for n, b in zip(DENSE_COLUMNS, first.select(bad).row(0), strict=True) if b)
+        return f"line {first[LINE][0]}: {name} {first[name][0]!r} is not an integer"
+
+    def _encoders(self, train: pl.LazyFrame) -> tuple[Encoder, list[int]]:
+        """A function indexing the categorical columns of a split (index 0 = missing), and
+        each column's cardinality."""
         if self.num_embeddings_per_feature is not None:
             exprs = [
                 (pl.col(name).str.to_integer(base=16) % (size - 1) + 1)
@@ -191,24 +211,18 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
                 for name, size in zip(SPARSE_COLUMNS, self.num_embeddings_per_feature,
                                       strict=True)
             ]
-            return exprs, list(self.num_embeddings_per_feature)
+            return (lambda frame: frame.with_columns(exprs)), list(self.num_embeddings_per_feature)
         vocabs = pl.collect_all([
             train.select(name).drop_nulls().group_by(name).len()
             .filter(pl.col("len") >= self.min_count).sort(name).select(name)
             for name in SPARSE_COLUMNS
-        ])
-        exprs, cardinalities = [], []
-        for name, frame in zip(SPARSE_COLUMNS, vocabs, strict=True):
-            vocab = frame[name]
-            indices = pl.int_range(FIRST_VOCAB_INDEX, FIRST_VOCAB_INDEX + len(vocab), eager=True)
-            exprs.append(
-                pl.when(pl.col(name).is_null()).then(pl.lit(MISSING_INDEX, pl.Int32))
-                .otherwise(pl.col(name).replace_strict(vocab, indices, default=OOV_INDEX,
-                                                       return_dtype=pl.Int32))
-                .alias(name)
-            )
-            cardinalities.append(FIRST_VOCAB_INDEX + len(vocab))
-        return exprs, cardinalities
+        ], engine="streaming")
+        tables = [
+            vocab.with_columns(pl.int_range(FIRST_VOCAB_INDEX, FIRST_VOCAB_INDEX + vocab.height,
+                                            dtype=pl.Int32).alias(INDEX)).lazy()
+            for vocab in vocabs
+        ]
+        return partial(_lookup, tables=tables), [FIRST_VOCAB_INDEX + v.height for v in vocabs]
 
     def _preprocess(self, source: Path, out: Path) -> dict[str, Any]:
         log.info("data: parsing %s", source)
@@ -218,12 +232,12 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         num_train = min(num_rows, math.ceil(round((1 - self.test_fraction) * num_rows, 9)))
         is_train = pl.col(LINE) <= num_train
         log.info("data: encoding %d categorical columns", len(SPARSE_COLUMNS))
-        sparse, cardinalities = self._encoders(raw.filter(is_train))
+        encode, cardinalities = self._encoders(raw.filter(is_train))
         dense = [pl.col(name).clip(lower_bound=0).cast(pl.Float64).log1p().fill_null(0.0)
                  .cast(pl.Float32).alias(name) for name in DENSE_COLUMNS]
-        columns = [pl.col("label").cast(pl.Float32), *sparse, *dense]
+        columns = [pl.col("label").cast(pl.Float32), *SPARSE_COLUMNS, *dense]
         for split, keep in (("train", is_train), ("test", ~is_train)):
-            raw.filter(keep).select(columns).sink_parquet(out / f"{split}.parquet")
+            encode(raw.filter(keep)).select(columns).sink_parquet(out / f"{split}.parquet")
         (out / "raw.parquet").unlink()
         meta = {
             "source": str(source),
@@ -244,24 +258,33 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         prepared = self._prepared_dir()
         meta = json.loads((prepared / "meta.json").read_text())
         info: dict[str, Any] = {k: meta[k] for k in ("source", "oracle_auc") if k in meta}
-        tables: dict[str, ClientTable] = {}
-        for split, partitioner in (
-            ("train", self.partitioner),
-            ("test", dataclasses.replace(self.partitioner, seed=self.seed + 1, min_size=0)),
-        ):
+        splits = {}
+        for split in ("train", "test"):
             frame = pl.read_parquet(prepared / f"{split}.parquet")
-            label = _tensor(frame, ["label"], np.float32, width=1).reshape(-1)
-            client_of_row = partitioner(label.numpy())
-            tables[split] = to_client_table(
-                _tensor(frame, DENSE_COLUMNS, np.float32, width=len(DENSE_COLUMNS)),
-                _tensor(frame, SPARSE_COLUMNS, np.int64, width=len(SPARSE_COLUMNS)),
-                label, client_of_row)
-            if split == "train":
-                facts = describe(client_of_row, self.num_clients, label.numpy())
-                info.update({f"partition_{k}": v for k, v in facts.items()})
-                log.info("data: %s partition of train: %s", self.partitioner.kind,
-                         ", ".join(f"{k}={v:.4g}" for k, v in facts.items()))
+            splits[split] = (_tensor(frame, DENSE_COLUMNS, np.float32, width=len(DENSE_COLUMNS)),
+                             _tensor(frame, SPARSE_COLUMNS, np.int64, width=len(SPARSE_COLUMNS)),
+                             _tensor(frame, ["label"], np.float32, width=1).reshape(-1))
+        tables, facts = partition_splits(self.partitioner, splits)
+        info.update(facts)
         label_mean = float(tables["train"].label.mean())
         features = FeatureSpec(SPARSE_COLUMNS, meta["cardinalities"], DENSE_COLUMNS,
                                label_mean=label_mean if 0.0 < label_mean < 1.0 else None)
         return PreparedData(tables["train"], tables["test"], features, info)
+
+
+def _lookup(frame: pl.LazyFrame, tables: list[pl.LazyFrame]) -> pl.LazyFrame:
+    """Each categorical column replaced by its index in a (name, INDEX) vocabulary table.
+
+    Left joins, with the vocabulary as the build side, stream the rows; `replace_strict`
+    with vocabularies this large does not (its memory grew with the rows: 4 GB at 6M lines).
+    A missing value (a null key, which joins nothing) gets index 0, an unseen one the OOV index.
+    """
+    for table in tables:
+        name = table.collect_schema().names()[0]
+        frame = (frame.join(table, on=name, how="left", maintain_order="left",
+                            build_side="force_right")
+                 .with_columns(pl.when(pl.col(name).is_null())
+                               .then(pl.lit(MISSING_INDEX, pl.Int32))
+                               .otherwise(pl.col(INDEX).fill_null(OOV_INDEX)).alias(name))
+                 .drop(INDEX))
+    return frame

@@ -152,12 +152,23 @@ def test_bad_label_is_a_one_line_error(criteo_dir, tmp_path):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("line", [_line("0", "x1", A), _line("0", "1", A) + "\textra"])
-def test_unparsable_line_is_a_one_line_error(criteo_dir, tmp_path, line):
-    (criteo_dir / "train.txt").write_text("\n".join([*LINES, line]))
+def test_line_with_too_many_fields_is_a_one_line_error(criteo_dir, tmp_path):
+    (criteo_dir / "train.txt").write_text("\n".join([*LINES, _line("0", "1", A) + "\textra"]))
     with pytest.raises(DataError, match="cannot parse") as err:
         _module(criteo_dir, tmp_path)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("line", "value"), [(7, "abc"), (13, "1.5")])
+def test_non_integer_names_its_line_and_column(criteo_dir, tmp_path, line, value):
+    lines = [*LINES, _line("0", "1", A)]
+    fields = lines[line - 1].split("\t")
+    fields[3] = value  # I3
+    lines[line - 1] = "\t".join(fields)
+    (criteo_dir / "train.txt").write_text("\n".join(lines))
+    with pytest.raises(DataError, match=rf"train.txt: line {line}: I3 '{value}' is not an "
+                       "integer$"):
+        _module(criteo_dir, tmp_path)
 
 
 def test_missing_train_file(tmp_path):
