@@ -24,7 +24,7 @@ import polars as pl
 
 from datamodules.base import CTRDataModule, DataError, FeatureSpec, PreparedData
 from datamodules.cache import PreparedCache, build_once, config_hash, fingerprint, generate_once
-from datamodules.partition import config_partitioner, partition_splits
+from datamodules.clients import config_partitioner, partition_splits
 from datamodules.synthetic_criteo import GENERATOR_VERSION, META_FILE, generate_criteo
 from datamodules.taobao import FIRST_VOCAB_INDEX, MISSING_INDEX, OOV_INDEX, _tensor
 
@@ -58,7 +58,7 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
             staying for missing. No vocabulary is built; test values need no OOV index.
             Exclusive with a min_count other than 1.
         partition: how rows are dealt to clients: `iid`, `dirichlet` (label skew, `alpha`) or
-            `power_law` (Zipf-like sizes, `exponent`); see datamodules.partition.
+            `power_law` (Zipf-like sizes, `exponent`); see datamodules.clients.
         num_clients, alpha, exponent: passed to the Partitioner.
         cache_dir: where generated data and the preprocessed parquet splits live.
         batch_size, eval_batch_size, min_client_samples, seed: see CTRDataModule; `seed` also

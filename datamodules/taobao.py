@@ -22,9 +22,8 @@ import torch
 
 from datamodules.base import CTRDataModule, DataError, FeatureSpec, PreparedData
 from datamodules.cache import PreparedCache, build_once, config_hash, fingerprint, generate_once
-from datamodules.clients import ClientTable
+from datamodules.clients import ClientTable, config_partitioner, partition_splits
 from datamodules.csv_check import Rule, check_csv
-from datamodules.partition import config_partitioner, partition_splits
 
 log = logging.getLogger("fltk.data")
 
@@ -70,7 +69,7 @@ CATEGORICAL_COLUMNS = [
 ]
 DERIVED_SPARSE = ["hour"]  # hour of day (local time); the raw Unix time is never an input
 DENSE_COLUMNS = ["price"]
-# "user": the natural split; the others deal rows to synthetic clients (datamodules.partition)
+# "user": the natural split; the others deal rows to synthetic clients (datamodules.clients)
 PARTITIONS = ("user", "iid", "dirichlet", "power_law")
 
 
@@ -119,7 +118,7 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
         partition: `user` (default): every user is a client, its train and test rows together.
             `iid`, `dirichlet` or `power_law`: rows are dealt to `num_clients` synthetic clients
             by a Partitioner (`alpha`, `exponent`; seeded by `seed`; see
-            datamodules.partition), to study a skew the natural split does not have. Applied
+            datamodules.clients), to study a skew the natural split does not have. Applied
             when the cache is loaded, so changing it does not preprocess again.
         num_clients, alpha, exponent: passed to the Partitioner (ignored for `user`).
         cache_dir: where generated data and preprocessed parquet caches live.

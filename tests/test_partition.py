@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.partition import (
+from datamodules.clients import (
     Partitioner,
     by_key,
     describe,
