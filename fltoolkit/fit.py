@@ -83,7 +83,7 @@ def _run_fit(cli: Any, experiment_name: str, ranks: Ranks) -> Path | None:
                              eval_batch_size=datamodule.eval_batch_size,
                              systems=cli.config_init["systems"], ranks=ranks)
         if ranks.distributed:
-            log.info("%d ranks share each cohort (gloo/nccl: %s)", ranks.world_size,
+            log.info("%d ranks share each cohort (backend %s)", ranks.world_size,
                      torch.distributed.get_backend())
     if not ranks.is_main:
         assert loop is not None  # checked above: distributed runs are federated
