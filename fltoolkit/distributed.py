@@ -13,7 +13,6 @@ all-gathered as objects.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -24,8 +23,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fltoolkit.updates import ClientUpdate
-
-log = logging.getLogger("fltk")
 
 
 @dataclass(frozen=True)

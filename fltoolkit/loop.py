@@ -219,10 +219,11 @@ class FederatedLoop:
         self.module.load_state_dict(state["module"])
         self.strategy.load_state_dict(state["strategy"])
         self.selector.load_state_dict(state["selector"])
-        if self.local_tables is not None:
-            self.local_tables.load_state_dict(state["local_tables"])
+        if self.local_tables is not None:  # each rank keeps its own clients' rows only
+            self.local_tables.load_state_dict(
+                {table: self._own(rows) for table, rows in state["local_tables"].items()})
         if self.trainer.optimizer_states is not None:
-            self.trainer.optimizer_states.load_state_dict(state["optimizer_states"],
+            self.trainer.optimizer_states.load_state_dict(self._own(state["optimizer_states"]),
                                                           self._parameters())
         self.completed_rounds = state["completed_rounds"]
         self.sim_time_s, self.wall_time_s = state["sim_time_s"], state["wall_time_s"]
@@ -366,6 +367,10 @@ class FederatedLoop:
         observed = np.minimum(seconds, self.policy.deadline_s or np.inf)[finished]
         durations = dict(zip(selected[finished].tolist(), observed.tolist(), strict=True))
         return selected[outcome.kept].tolist(), durations
+
+    def _own(self, by_client: dict[int, Any]) -> dict[int, Any]:
+        """The entries of this rank's clients (a checkpoint holds every rank's)."""
+        return {client: value for client, value in by_client.items() if self.ranks.owns(client)}
 
     def _parameters(self) -> list[torch.nn.Parameter]:
         return list(self.module.parameters())

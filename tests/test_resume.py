@@ -18,6 +18,7 @@ import torch
 
 from fltoolkit.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from fltoolkit.cli import main
+from fltoolkit.distributed import Ranks
 
 EXPERIMENT = str(Path(__file__).resolve().parents[1] / "experiments" / "taobao.yaml")
 WALL_CLOCK = ("wall_time_s", "round_wall_s")  # the only fields allowed to differ
@@ -133,6 +134,13 @@ def test_loop_state_round_trips_through_a_checkpoint_file(synthetic_data, tmp_pa
     second = build()
     second.load_state_dict(load_latest(tmp_path)[1])
     assert second.trainer.optimizer_states.states  # the clients' Adam moments came back
+    # rank 1 of 2 keeps only its own (odd) clients' state: stale copies of rank 0's clients
+    # would otherwise overwrite rank 0's newer ones when the next checkpoint merges them
+    odd = build()
+    odd.ranks = Ranks(rank=1, world_size=2)
+    odd.load_state_dict(load_latest(tmp_path)[1])
+    kept = [*odd.local_tables.rows["user"], *odd.trainer.optimizer_states.states]
+    assert kept and all(client % 2 == 1 for client in kept)
     resumed = second.run()
     expected.pop("wall_time_s"), resumed.pop("wall_time_s")
     assert resumed == expected
