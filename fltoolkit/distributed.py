@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fltoolkit.updates import ClientUpdate
+from fltoolkit.updates import ClientUpdate, SparseRows
 
 
 @dataclass(frozen=True)
@@ -115,11 +115,44 @@ class Ranks:
         for update in mine:
             dense[slot[update.client]] = update.dense
         dist.all_reduce(dense)
-        light = [replace(update, dense=update.dense[:0]) for update in mine]
-        everyone = [update for part in self.gather(light) for update in part]
+        everyone = [update for packed in self.gather(_pack(mine)) for update in _unpack(*packed)]
         everyone.sort(key=lambda update: slot[update.client])
         return [replace(update, dense=dense[slot[update.client]]) for update in everyone]
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+
+Packed = tuple[list[ClientUpdate], dict[str, tuple[Tensor, Tensor, list[int]]]]
+
+
+def _pack(updates: list[ClientUpdate]) -> Packed:
+    """The updates as (metadata without tensors, per table: all ids, all values, each client's
+    row count or -1 where the table is absent). Pickling a few large tensors is a copy;
+    pickling 100 clients x 15 tables of small ones took ~2 s a round, and a pickled view
+    carries its whole storage (here: every client's rows of the round)."""
+    meta = [replace(update, dense=torch.empty(0), tables={}) for update in updates]
+    packed = {}
+    for name in sorted({name for update in updates for name in update.tables}):
+        parts = [update.tables.get(name) for update in updates]
+        present = [rows for rows in parts if rows is not None]
+        packed[name] = (torch.cat([rows.ids for rows in present]),
+                        torch.cat([rows.values for rows in present]),
+                        [-1 if rows is None else rows.ids.numel() for rows in parts])
+    return meta, packed
+
+
+def _unpack(meta: list[ClientUpdate], packed: dict[str, tuple[Tensor, Tensor, list[int]]]
+            ) -> list[ClientUpdate]:
+    """`_pack`'s updates again, each table's rows as views of the received tensors."""
+    tables: list[dict[str, SparseRows]] = [{} for _ in meta]
+    for name, (ids, values, counts) in packed.items():
+        offset = 0
+        for index, count in enumerate(counts):
+            if count >= 0:
+                tables[index][name] = SparseRows(ids[offset:offset + count],
+                                                 values[offset:offset + count])
+                offset += count
+    return [replace(update, tables=rows) for update, rows in zip(meta, tables, strict=True)]

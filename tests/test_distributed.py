@@ -14,6 +14,8 @@ import torch
 
 from fltoolkit.checkpoint import load_latest
 from fltoolkit.cli import main
+from fltoolkit.distributed import _pack, _unpack
+from fltoolkit.updates import ClientUpdate, SparseRows
 
 EXPERIMENT = str(Path(__file__).resolve().parents[1] / "experiments" / "taobao.yaml")
 TOLERANCE = 1e-5
@@ -63,3 +65,21 @@ def test_two_ranks_give_the_metrics_of_one(tmp_path):
     assert split_state["optimizer_states"].keys() == single_state["optimizer_states"].keys()
     for name, value in single_state["module"].items():
         torch.testing.assert_close(split_state["module"][name], value, atol=TOLERANCE, rtol=0)
+
+
+def test_packed_updates_unpack_to_the_same_rows_and_absent_tables_stay_absent():
+    rows = SparseRows(torch.tensor([3, 7]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    empty = SparseRows(torch.tensor([], dtype=torch.int64), torch.zeros(0, 2))
+    updates = [ClientUpdate(client=5, num_samples=2, loss=0.5, dense=torch.ones(3),
+                            tables={"ad": rows, "user": empty}),
+               ClientUpdate(client=8, num_samples=1, loss=0.25, dense=torch.ones(3),
+                            tables={"user": rows})]
+    meta, packed = _pack(updates)
+    assert all(update.dense.numel() == 0 and not update.tables for update in meta)
+    assert packed["ad"][2] == [2, -1] and packed["user"][2] == [0, 2]
+    first, second = _unpack(meta, packed)
+    assert (first.client, second.client, second.loss) == (5, 8, 0.25)
+    assert set(first.tables) == {"ad", "user"} and set(second.tables) == {"user"}
+    assert torch.equal(first.tables["ad"].values, rows.values)
+    assert first.tables["user"].ids.numel() == 0
+    assert torch.equal(second.tables["user"].ids, rows.ids)
