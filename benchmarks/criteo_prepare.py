@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from datamodules.synthetic_criteo import hex_names, train_lines
+
 # Distinct values per categorical column of the Kaggle train set (DLRM's Kaggle config).
 CARDINALITIES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593,
                  3194, 27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105,
@@ -38,20 +40,6 @@ SPARSE_MISSING = [0.0, 0.0, 0.03, 0.03, 0.0, 0.12, 0.0, 0.0, 0.0, 0.0, 0.0, 0.03
 SKEW = 2.0  # value id = floor(K * u**SKEW): a power-law head, every id still ~N/(SKEW*K) draws
 CHUNK = 1_000_000
 CLICK_RATE = 0.25
-HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-HEX_PAIRS = np.stack([np.repeat(HEX, 16), np.tile(HEX, 16)], axis=1)  # byte -> 2 hex digits
-
-
-def _names(rng: np.random.Generator, size: int) -> pl.Series:
-    """Distinct 8-hex-digit names for value ids 0..size-1, built once per column.
-
-    An odd multiplier and an offset modulo 2**32 are a bijection, so the names are distinct.
-    """
-    multiplier = np.uint64(int(rng.integers(0, 1 << 31)) * 2 + 1)
-    offset = np.uint64(int(rng.integers(0, 1 << 32)))
-    codes = (np.arange(size, dtype=np.uint64) * multiplier + offset).astype(">u4")
-    digits = HEX_PAIRS[codes.view(np.uint8)].reshape(-1).view("S8")
-    return pl.Series(digits).cast(pl.String)
 
 
 def _dense(rng: np.random.Generator, n: int, column: int) -> pl.Expr:
@@ -77,16 +65,14 @@ def _chunk(rng: np.random.Generator, n: int, names: list[pl.Series]) -> pl.DataF
     label = pl.lit(pl.Series((rng.random(n) < CLICK_RATE).astype(np.int8))).cast(pl.String)
     columns = [label, *(_dense(rng, n, c) for c in range(13)),
                *(_sparse(rng, n, c, names[c]) for c in range(26))]
-    line = pl.concat_str(columns, separator="\t")
-    strip = pl.lit(pl.Series(rng.random(n) < 0.5))
-    return pl.select(pl.when(strip).then(line.str.strip_chars_end("\t")).otherwise(line))
+    return train_lines(columns, rng.random(n) < 0.5)
 
 
 def write(path: Path, rows: int, seed: int = 0) -> None:
     """train.txt of `rows` lines, appended CHUNK lines at a time so memory stays flat (but
     for the 26 name tables, ~33M strings)."""
     rng = np.random.default_rng(seed)
-    names = [_names(rng, size) for size in CARDINALITIES]
+    names = [hex_names(rng, size) for size in CARDINALITIES]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
         for start in range(0, rows, CHUNK):

@@ -190,16 +190,27 @@ def _solve_bias(score: np.ndarray, click_rate: float) -> float:
     return (low + high) / 2.0
 
 
-def _hex_names(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Distinct pseudo-random 8-hex-digit strings for value ids 0..size-1.
+_HEX_PAIRS = np.array([f"{b:02x}" for b in range(256)], dtype="S2").view(np.uint8).reshape(256, 2)
+
+
+def hex_names(rng: np.random.Generator, size: int) -> pl.Series:
+    """Distinct pseudo-random 8-hex-digit strings for value ids 0..size-1 (vectorised: the
+    Kaggle-sized benchmark needs tens of millions).
 
     An odd multiplier and an offset modulo 2**32 are a bijection, so the names are distinct.
     """
-    multiplier = int(rng.integers(0, 1 << 31)) * 2 + 1
-    offset = int(rng.integers(0, 1 << 32))
-    ids = (np.arange(size, dtype=np.uint64) * np.uint64(multiplier) + np.uint64(offset))
-    ids &= np.uint64(0xFFFFFFFF)
-    return np.array([f"{i:08x}" for i in ids.tolist()])
+    multiplier = np.uint64(int(rng.integers(0, 1 << 31)) * 2 + 1)
+    offset = np.uint64(int(rng.integers(0, 1 << 32)))
+    ids = (np.arange(size, dtype=np.uint64) * multiplier + offset).astype(">u4")
+    return pl.Series(_HEX_PAIRS[ids.view(np.uint8)].reshape(-1).view("S8")).cast(pl.String)
+
+
+def train_lines(columns: list[pl.Expr], strip: np.ndarray) -> pl.DataFrame:
+    """One train.txt line per row: the columns tab-joined, trailing empty fields stripped
+    where `strip` is set (the real file has both kinds of lines)."""
+    line = pl.concat_str(columns, separator="\t")
+    strip_tail = pl.lit(pl.Series(strip))
+    return pl.select(pl.when(strip_tail).then(line.str.strip_chars_end("\t")).otherwise(line))
 
 
 def _write(path: Path, label: np.ndarray, counts: list[np.ndarray], codes: list[np.ndarray],
@@ -210,9 +221,7 @@ def _write(path: Path, label: np.ndarray, counts: list[np.ndarray], codes: list[
         value = pl.lit(pl.Series(count))
         columns.append(pl.when(value == _MISSING).then(pl.lit("")).otherwise(value.cast(pl.String)))
     for code in codes:
-        names = np.append(_hex_names(rng, int(code.max(initial=0)) + 1), "")  # [-1]: missing
-        columns.append(pl.lit(pl.Series(names[code])))
-    line = pl.concat_str(columns, separator="\t")
-    strip = pl.lit(pl.Series(rng.random(len(label)) < 0.5))
-    frame = pl.select(pl.when(strip).then(line.str.strip_chars_end("\t")).otherwise(line))
+        names = hex_names(rng, int(code.max(initial=0)) + 1).append(pl.Series([""]))
+        columns.append(pl.lit(names.gather(code)))  # code -1 is the last entry: missing
+    frame = train_lines(columns, rng.random(len(label)) < 0.5)
     frame.write_csv(path, include_header=False, quote_style="never")
