@@ -96,11 +96,11 @@ class Ranks:
         return bool(value.item())
 
     def pooled(self, values: Tensor, rows: Tensor, total: int) -> Tensor:
-        """[total] vector holding every rank's `values` at its `rows` (the rows partition
+        """[total, ...] tensor holding every rank's `values` at its `rows` (the rows partition
         0..total-1 across the ranks)."""
         if not self.distributed:
             return values
-        full = torch.zeros(total, dtype=values.dtype)
+        full = torch.zeros(total, *values.shape[1:], dtype=values.dtype)
         full[rows] = values
         dist.all_reduce(full)
         return full
@@ -111,10 +111,9 @@ class Ranks:
         if not self.distributed:
             return mine
         slot = {client: index for index, client in enumerate(clients)}
-        dense = torch.zeros(len(clients), dense_size)
-        for update in mine:
-            dense[slot[update.client]] = update.dense
-        dist.all_reduce(dense)
+        own = torch.stack([u.dense for u in mine]) if mine else torch.zeros(0, dense_size)
+        dense = self.pooled(own, torch.tensor([slot[u.client] for u in mine], dtype=torch.int64),
+                            len(clients))
         everyone = [update for packed in self.gather(_pack(mine)) for update in _unpack(*packed)]
         everyone.sort(key=lambda update: slot[update.client])
         return [replace(update, dense=dense[slot[update.client]]) for update in everyone]
