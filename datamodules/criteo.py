@@ -161,11 +161,8 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         Written once to parquet, so later passes do not parse the text again.
         """
         raw_path = out / "raw.parquet"
-        scan = pl.scan_csv(source, separator="\t", has_header=False, schema=SCHEMA,
-                           quote_char=None, missing_columns="insert")
-        scan = scan.with_row_index(LINE, offset=1)
         try:
-            scan.sink_parquet(raw_path)
+            _scan_lines(source, SCHEMA).sink_parquet(raw_path)
         except pl.exceptions.PolarsError as e:
             reason = (CriteoDataModule._bad_integer(source)
                       or "cannot parse as Criteo (label, 13 integers, 26 categories, "
@@ -186,14 +183,11 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         Run only once parsing failed, to say where polars' reason (which has no line) arose;
         None if the file fails for another reason, such as a line with too many fields.
         """
-        schema = {**SCHEMA, **dict.fromkeys(DENSE_COLUMNS, pl.String)}
-        scan = pl.scan_csv(source, separator="\t", has_header=False, schema=schema,
-                           quote_char=None, missing_columns="insert")
+        scan = _scan_lines(source, {**SCHEMA, **dict.fromkeys(DENSE_COLUMNS, pl.String)})
         bad = [pl.col(name).is_not_null() & pl.col(name).str.to_integer(strict=False).is_null()
                for name in DENSE_COLUMNS]
         try:
-            first = (scan.with_row_index(LINE, offset=1).filter(pl.any_horizontal(bad))
-                     .head(1).collect(engine="streaming"))
+            first = scan.filter(pl.any_horizontal(bad)).head(1).collect(engine="streaming")
         except pl.exceptions.PolarsError:
             return None
         if not first.height:
@@ -270,6 +264,12 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         features = FeatureSpec(SPARSE_COLUMNS, meta["cardinalities"], DENSE_COLUMNS,
                                label_mean=label_mean if 0.0 < label_mean < 1.0 else None)
         return PreparedData(tables["train"], tables["test"], features, info)
+
+
+def _scan_lines(source: Path, schema: dict[str, type[pl.DataType]]) -> pl.LazyFrame:
+    """train.txt read lazily with `schema`, each row numbered by its 1-based line (LINE)."""
+    return pl.scan_csv(source, separator="\t", has_header=False, schema=schema,
+                       quote_char=None, missing_columns="insert").with_row_index(LINE, offset=1)
 
 
 def _lookup(frame: pl.LazyFrame, tables: list[pl.LazyFrame]) -> pl.LazyFrame:
