@@ -14,6 +14,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.table_init import embedding_bag_collection
+
 # The sparse gradients of the tables are built by torch itself and are valid by construction;
 # opting out explicitly also silences torch's warning that checks are implicitly off.
 torch.sparse.check_sparse_tensor_invariants.disable()
@@ -22,14 +24,15 @@ torch.sparse.check_sparse_tensor_invariants.disable()
 def build_embedding_bags(
     features: list[str], cardinalities: list[int], embedding_dim: int, sparse_grad: bool = True
 ) -> EmbeddingBagCollection:
-    """One table per feature, named like the feature (`user`, `adgroup_id`, ...)."""
+    """One table per feature, named like the feature (`user`, `adgroup_id`, ...); on the meta
+    device when built for sharded tables (see recsys.table_init)."""
     tables = [
         EmbeddingBagConfig(
             name=name, embedding_dim=embedding_dim, num_embeddings=size, feature_names=[name]
         )
         for name, size in zip(features, cardinalities, strict=True)
     ]
-    collection = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
+    collection = embedding_bag_collection(tables)
     for bag in collection.embedding_bags.values():
         bag.sparse = sparse_grad
     return collection
