@@ -5,6 +5,9 @@ A checkpoint is `checkpoints/round_NNNNNN.pt` in the run directory, holding the 
 renamed, so a crash mid-write leaves the previous checkpoint intact; it is read with
 `torch.load(weights_only=True)`, so opening one never runs code. A file that does not load
 (truncated, corrupt) is skipped with a warning in favour of the one before it.
+
+With sharded tables every rank also writes its own shards to `round_NNNNNN.rankR.pt`, before
+rank 0 writes the round's file, so a round file on disk always has its shard files.
 """
 
 from __future__ import annotations
@@ -30,21 +33,54 @@ def checkpoint_path(directory: Path, round_index: int) -> Path:
     return directory / f"round_{round_index:06d}.pt"
 
 
-def save_checkpoint(directory: Path, round_index: int, state: dict[str, Any],
-                    keep_last: int) -> Path:
-    """Write the state of `round_index` atomically, then delete all but the newest
-    `keep_last` checkpoints."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_path(directory, round_index)
+def shard_path(directory: Path, round_index: int, rank: int) -> Path:
+    return directory / f"round_{round_index:06d}.rank{rank}.pt"
+
+
+def save_atomically(path: Path, state: dict[str, Any]) -> Path:
+    """torch.save to a temp file, flushed to disk, then renamed over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return path
+
+
+def save_checkpoint(directory: Path, round_index: int, state: dict[str, Any],
+                    keep_last: int) -> Path:
+    """Write the state of `round_index` atomically, then delete all but the newest
+    `keep_last` checkpoints."""
+    path = save_atomically(checkpoint_path(directory, round_index), state)
     for old in list_checkpoints(directory)[:-keep_last]:
         old.unlink()
     return path
+
+
+def save_shard(directory: Path, round_index: int, rank: int, state: dict[str, Any],
+               keep_last: int) -> Path:
+    """Write one rank's shards of `round_index`; keeps one more than the round files, since
+    this round's file is written after them (a crash in between falls back a round)."""
+    path = save_atomically(shard_path(directory, round_index, rank), state)
+    pattern = re.compile(rf"round_(\d{{6,}})\.rank{rank}\.pt")
+    found = sorted((int(m.group(1)), p) for p in directory.glob(f"round_*.rank{rank}.pt")
+                   if (m := pattern.fullmatch(p.name)))
+    for _, old in found[:-(keep_last + 1)]:
+        old.unlink()
+    return path
+
+
+def load_shard(directory: Path, round_index: int, rank: int) -> dict[str, Any]:
+    """Rank `rank`'s shards of `round_index`, with an error naming the file if it is absent
+    or does not load."""
+    path = shard_path(directory, round_index, rank)
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise CheckpointError(f"{path}: rank {rank}'s table shards of round {round_index} do "
+                              f"not load ({type(error).__name__}); cannot resume") from error
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

@@ -32,10 +32,11 @@ class UsageError(ValueError):
 def _configure_logging() -> None:
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
+    # libraries report at WARNING and above (fbgemm logs every kernel library it loads at
+    # INFO, TorchRec's planner a statistics table); fltk's own progress at INFO
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
-    for noisy in ("lightning.pytorch", "lightning.fabric", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("fltk").setLevel(logging.INFO)
     # torchrec trips torch.fx's deprecation notice about is_fx_tracing on every run
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     for message in ("is_fx_tracing", "does not have many workers", "LightningCLI's args",

@@ -27,6 +27,7 @@ from datamodules.clients import Batch, ClientTable
 from fltoolkit.model_parts import ModelParts
 from fltoolkit.optimizer_state import ClientOptimizerStates, RoundOptimizers, as_optimizer_list
 from fltoolkit.privacy.local_tables import LocalTableStore
+from fltoolkit.server_tables import ServerTables
 from fltoolkit.updates import ID_BYTES, ClientUpdate, SparseRows
 
 
@@ -98,16 +99,18 @@ class CohortTrainer:
         data: the training ClientTable.
         schedule: local batch size and steps.
         proximal_mu: FedProx coefficient; the gradient of mu/2 ||w - w_global||^2 is added.
+        server_tables: where the global rows of the tables that are not local come from.
         local_tables: store of client-local tables (their rows are never uploaded), or None.
         optimizer_states: store that keeps each client's optimizer state between its rounds,
             or None for fresh local state every round.
     """
 
     def __init__(self, module: torch.nn.Module, parts: ModelParts, data: ClientTable,
-                 schedule: LocalSchedule, proximal_mu: float = 0.0,
-                 local_tables: LocalTableStore | None = None,
+                 schedule: LocalSchedule, server_tables: ServerTables,
+                 proximal_mu: float = 0.0, local_tables: LocalTableStore | None = None,
                  optimizer_states: ClientOptimizerStates | None = None) -> None:
         self.module, self.parts, self.data, self.schedule = module, parts, data, schedule
+        self.server_tables = server_tables
         self.proximal_mu = proximal_mu
         self.local_tables = local_tables
         self.optimizer_states = optimizer_states
@@ -115,11 +118,18 @@ class CohortTrainer:
         self.dense_bytes = sum(p.numel() * p.element_size() for p in parts.dense)
 
     def train_round(self, clients: Sequence[int], seeds: Sequence[int]) -> list[ClientUpdate]:
-        """Train each client from the current global weights; the module is left unchanged."""
+        """Train each client from the current global weights; the module is left unchanged.
+
+        Every rank calls this every round, with its own clients or none, since fetching the
+        rows of sharded tables is collective."""
+        if not clients:
+            empty = torch.empty(0, dtype=torch.int64)
+            self.server_tables.fetch({name: empty for name in self.server_tables.names})
+            return []
         cohort = self.plan(clients, seeds)
         global_dense = parameters_to_vector(self.parts.dense).detach().clone()
         global_tables = {name: part.weight.data for name, part in self.parts.tables.items()}
-        start = {name: self._start_rows(name, cohort) for name in self.parts.tables}
+        start = self._start_rows(cohort)
         work = {name: rows.clone() for name, rows in start.items()}
         work_dense = global_dense.clone()
         dense_deltas = torch.empty(len(clients), global_dense.numel())
@@ -168,7 +178,7 @@ class CohortTrainer:
         remapped = ids.clone()  # columns that feed no table keep their ids
         row_ids, segments = {}, {}
         for name, part in self.parts.tables.items():
-            vocab = part.weight.shape[0]
+            vocab = part.num_rows
             keys = slot[:, None] * vocab + ids[:, part.columns]
             unique, inverse = torch.unique(keys, return_inverse=True)
             remapped[:, part.columns] = inverse
@@ -195,15 +205,14 @@ class CohortTrainer:
     def _is_local(self, table: str) -> bool:
         return self.local_tables is not None and table in self.local_tables
 
-    def _start_rows(self, table: str, cohort: Cohort) -> Tensor:
-        """The compact buffer's initial values: global rows, or a local table's client rows."""
-        weight = self.parts.tables[table].weight.detach()
-        ids = cohort.row_ids[table]
-        if not self._is_local(table):
-            return weight[ids]
-        return torch.cat([
-            self.local_tables.client_rows(table, client, ids[cohort.rows(table, slot)])
-            for slot, client in enumerate(cohort.clients)])
+    def _start_rows(self, cohort: Cohort) -> dict[str, Tensor]:
+        """The compact buffers' initial values: global rows, or a local table's client rows."""
+        served = self.server_tables.fetch(
+            {name: cohort.row_ids[name] for name in self.server_tables.names})
+        return {name: served[name] if name in served else torch.cat([
+            self.local_tables.client_rows(name, client, cohort.row_ids[name][
+                cohort.rows(name, slot)]) for slot, client in enumerate(cohort.clients)])
+            for name in self.parts.tables}
 
     def _train_client(self, cohort: Cohort, slot: int, round_optimizers: RoundOptimizers,
                       global_dense: Tensor, start: dict[str, Tensor]) -> tuple[float, float]:

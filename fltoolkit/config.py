@@ -48,6 +48,9 @@ class FederatedConfig:
             with NaN/Inf are always rejected.
         faults: inject faulty clients for robustness tests, e.g. `--federated.faults.nan 0.2`
             (see fltoolkit/faults.py: crash, nan, scale, scale_factor).
+        sharding: how the server's embedding tables are split across torchrun ranks with
+            TorchRec (`table_wise`: each table on one rank; `column_wise`: every table's
+            columns split across the ranks); `none` keeps whole tables on every rank.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class FederatedConfig:
         keep_last: int = 2,
         reject_norm_ratio: float | None = None,
         faults: Faults | None = None,
+        sharding: Literal["none", "table_wise", "column_wise"] = "none",
     ) -> None:
         for key, value in (("rounds", rounds), ("clients_per_round", clients_per_round),
                            ("batch_size", batch_size), ("eval_interval", eval_interval),
@@ -95,3 +99,4 @@ class FederatedConfig:
             raise ValueError(f"federated.reject_norm_ratio must be > 1, got {reject_norm_ratio}")
         self.reject_norm_ratio = reject_norm_ratio
         self.faults = faults or Faults()
+        self.sharding = sharding

@@ -2,7 +2,8 @@
 
 With client-local tables, each test row is scored with its own client's rows: the local
 table's weight is swapped, for the evaluation only, for one holding every stored
-(client, row) value, and the row ids are remapped to it.
+(client, row) value, and the row ids are remapped to it. With sharded server tables the
+same swap scores a rank's test rows with the rows it fetched from their owners.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from datamodules.clients import ClientTable
 from fltoolkit.distributed import Ranks
 from fltoolkit.model_parts import ModelParts
 from fltoolkit.privacy.local_tables import LocalTableStore
+from fltoolkit.server_tables import ServerTables
 from recsys.metrics import ctr_metrics, group_auc
 
 
@@ -48,12 +50,14 @@ def predict_logits(module: torch.nn.Module, table: ClientTable, batch_size: int,
 
 def evaluate(module: torch.nn.Module, parts: ModelParts, table: ClientTable, batch_size: int,
              train_clients: Tensor, local_tables: LocalTableStore | None = None,
-             ranks: Ranks | None = None) -> Evaluation:
+             ranks: Ranks | None = None, server_tables: ServerTables | None = None
+             ) -> Evaluation:
     """Metrics of the global model (with each client's local rows) on `table`.
 
     `train_clients` ([C] sorted raw client ids of the training table) maps a test row's client
     to the training client whose local rows score it. Under several `ranks`, each scores the
-    rows of the clients it owns and the metrics are computed over the pooled logits.
+    rows of the clients it owns and the metrics are computed over the pooled logits; with
+    sharded `server_tables` (collective) the rows it needs are fetched first.
     """
     ranks = ranks or Ranks()
     groups = table.row_clients()
@@ -61,7 +65,10 @@ def evaluate(module: torch.nn.Module, parts: ModelParts, table: ClientTable, bat
     # A test client unknown to training has no local rows: any rank can score it.
     owner = torch.where(training_client >= 0, training_client, groups) % ranks.world_size
     rows = torch.nonzero(owner == ranks.rank).reshape(-1) if ranks.distributed else None
-    if local_tables is None:
+    if server_tables is not None and server_tables.sharded:
+        with _fetched_rows_swapped(parts, table, rows, server_tables) as sparse:
+            logits = predict_logits(module, table, batch_size, sparse, rows)
+    elif local_tables is None:
         logits = predict_logits(module, table, batch_size, rows=rows)
     else:
         with _client_rows_swapped(parts, table, training_client, local_tables) as sparse:
@@ -85,20 +92,43 @@ def _training_client(table: ClientTable, groups: Tensor, train_clients: Tensor) 
 
 
 @contextmanager
+def _weights_swapped(parts: ModelParts, weights: dict[str, Tensor]) -> Iterator[None]:
+    """The named tables' weights replaced by `weights` inside the block."""
+    originals = {name: parts.tables[name].weight.data for name in weights}
+    try:
+        for name, weight in weights.items():
+            parts.tables[name].weight.data = weight
+        yield
+    finally:
+        for name, data in originals.items():
+            parts.tables[name].weight.data = data
+
+
+@contextmanager
 def _client_rows_swapped(parts: ModelParts, table: ClientTable, clients: Tensor,
                          store: LocalTableStore) -> Iterator[Tensor]:
     sparse = table.sparse.clone()
-    originals = {}
+    weights = {}
     for name, part in parts.tables.items():
         if name not in store:
             continue
         for column in part.columns:
-            weight, sparse[:, column] = store.evaluation_weight(name, clients,
-                                                                table.sparse[:, column])
-        originals[name] = part.weight.data
-        part.weight.data = weight
-    try:
+            weights[name], sparse[:, column] = store.evaluation_weight(
+                name, clients, table.sparse[:, column])
+    with _weights_swapped(parts, weights):
         yield sparse
-    finally:
-        for name, data in originals.items():
-            parts.tables[name].weight.data = data
+
+
+@contextmanager
+def _fetched_rows_swapped(parts: ModelParts, table: ClientTable, rows: Tensor | None,
+                          server_tables: ServerTables) -> Iterator[Tensor]:
+    """Each table's weight becomes the rows `rows` use (fetched), their ids remapped to it."""
+    rows = torch.arange(table.num_rows) if rows is None else rows
+    sparse = table.sparse.clone()
+    requests = {}
+    for name in server_tables.names:
+        columns = torch.tensor(parts.tables[name].columns)
+        requests[name], sparse[rows[:, None], columns] = torch.unique(
+            table.sparse[rows[:, None], columns], return_inverse=True)
+    with _weights_swapped(parts, server_tables.fetch(requests)):
+        yield sparse

@@ -5,19 +5,30 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-from fltoolkit.checkpoint import load_latest, save_checkpoint
+from datamodules.base import FeatureSpec
+from fltoolkit.checkpoint import (
+    load_latest,
+    load_shard,
+    save_atomically,
+    save_checkpoint,
+    save_shard,
+)
 from fltoolkit.config import ConfigError
 from fltoolkit.distributed import Ranks
 from fltoolkit.loop import FederatedLoop, RunInterrupted
 from fltoolkit.reports.build import build_run_report
 from fltoolkit.reports.run_dir import RunDirectory, next_version
 from fltoolkit.resume import check_same_experiment, resume_directory, stop_on_signals
+from recsys.sharding import ShardedTables, shard_module_tables
+from recsys.table_init import tables_on_meta
 
 log = logging.getLogger("fltk")
 
@@ -68,6 +79,10 @@ def _run_fit(cli: Any, experiment_name: str, ranks: Ranks) -> Path | None:
     if ranks.distributed and not federated.enabled:
         raise ConfigError("several ranks (torchrun) split federated cohorts; centralized "
                           "training runs in one process (set federated.enabled true)")
+    sharding = federated.sharding if federated.enabled else "none"
+    if sharding != "none" and not ranks.distributed:
+        raise ConfigError(f"federated.sharding={sharding} splits the tables across ranks: "
+                          "launch with torchrun --nproc_per_node N (N >= 2)")
     if not ranks.is_main:
         log.setLevel(logging.WARNING)
     datamodule, model = cli.datamodule, cli.model
@@ -75,28 +90,30 @@ def _run_fit(cli: Any, experiment_name: str, ranks: Ranks) -> Path | None:
         datamodule.prepare_data()
     ranks.barrier()
     datamodule.setup("fit")
-    model.configure_features(datamodule.feature_spec)
-    ranks.broadcast_module(model)
+    sharded = build_model(model, datamodule.feature_spec, sharding, ranks)
     loop = None
     if federated.enabled:
         loop = FederatedLoop(model, datamodule.data, federated, seed=config.seed,
                              eval_batch_size=datamodule.eval_batch_size,
-                             systems=cli.config_init["systems"], ranks=ranks)
+                             systems=cli.config_init["systems"], ranks=ranks,
+                             sharded_tables=sharded)
         if ranks.distributed:
             log.info("%d ranks share each cohort (backend %s)", ranks.world_size,
                      torch.distributed.get_backend())
+        if sharded is not None:
+            log.info("tables sharded %s", sharded.plan_summary())
     if not ranks.is_main:
         assert loop is not None  # checked above: distributed runs are federated
-        _follow(loop, ranks, bool(config.resume))
+        _follow(loop, ranks, bool(config.resume), federated.keep_last)
         return None
 
     resolved = cli.parser.dump(config, skip_none=False)
     if config.resume:
-        run_dir = _resumed(config.resume, experiment_name, resolved, loop)
-        ranks.broadcast(str(run_dir.path))
+        run_dir = _resumed(config.resume, experiment_name, resolved, loop, ranks)
     else:
         run_dir = RunDirectory(config.run_dir or next_version(Path("runs") / experiment_name))
         run_dir.write_config(resolved)
+    ranks.broadcast(str(run_dir.path))
     log.info("run directory: %s", run_dir.path)
     report = cli.config_init["report"]
     started = time.perf_counter()
@@ -106,8 +123,8 @@ def _run_fit(cli: Any, experiment_name: str, ranks: Ranks) -> Path | None:
             extra = {"mode": "centralized", "epochs": cli.trainer.current_epoch}
             run_dir.save_model(model.state_dict())
         else:
-            loop.on_checkpoint = lambda round_index: save_checkpoint(
-                run_dir.checkpoints, round_index, loop.state_dict(), federated.keep_last)
+            loop.on_checkpoint = _checkpointer(loop, ranks, run_dir.checkpoints,
+                                               federated.keep_last)
             try:
                 with stop_on_signals(lambda: setattr(loop, "stop_requested", True)):
                     final = _train_federated(loop, federated.rounds, run_dir)
@@ -123,6 +140,7 @@ def _run_fit(cli: Any, experiment_name: str, ranks: Ranks) -> Path | None:
                      "selector": type(loop.selector).__name__,
                      **report.to_target(loop.history)}
             run_dir.save_model(loop.server_state_dict())
+            _save_final_shards(loop, ranks, run_dir.checkpoints)
     finally:
         run_dir.close()
     info = datamodule.data.info
@@ -143,25 +161,69 @@ def _run_fit(cli: Any, experiment_name: str, ranks: Ranks) -> Path | None:
     return run_dir.path
 
 
-def _follow(loop: FederatedLoop, ranks: Ranks, resume: bool) -> None:
-    """A rank other than 0: the same rounds, checkpoints and evaluations, no files written."""
-    if resume:  # the run directory rank 0 resolved (and checked)
-        _, state = load_latest(Path(ranks.broadcast(None)) / "checkpoints")
-        loop.load_state_dict(state)
-    loop.on_checkpoint = lambda round_index: loop.state_dict()  # collective: every rank joins
+def build_model(model: L.LightningModule, features: FeatureSpec, sharding: str, ranks: Ranks
+                ) -> ShardedTables | None:
+    """Build the module's network for `features`, shard its tables across the ranks unless
+    `sharding` is "none" (built on the meta device first, so no rank ever holds them whole),
+    and start every rank from rank 0's weights."""
+    with tables_on_meta() if sharding != "none" else nullcontext():
+        model.configure_features(features)
+    sharded = shard_module_tables(model, sharding) if sharding != "none" else None
+    ranks.broadcast_module(model)
+    return sharded
+
+
+def _follow(loop: FederatedLoop, ranks: Ranks, resume: bool, keep_last: int) -> None:
+    """A rank other than 0: the same rounds, checkpoints and evaluations; it writes only its
+    table shards, if sharded, into the run directory rank 0 resolved (and checked)."""
+    checkpoints = Path(ranks.broadcast(None)) / "checkpoints"
+    if resume:
+        _load(loop, ranks, checkpoints)
+    loop.on_checkpoint = _checkpointer(loop, ranks, checkpoints, keep_last)
     with stop_on_signals(lambda: setattr(loop, "stop_requested", True)):
         loop.run()
+    _save_final_shards(loop, ranks, checkpoints)
+
+
+def _checkpointer(loop: FederatedLoop, ranks: Ranks, checkpoints: Path, keep_last: int
+                  ) -> Callable[[int], None]:
+    """The loop's on_checkpoint, run by every rank (gathering the state is collective): each
+    rank writes its table shards if sharded, then rank 0 the round's file."""
+    def checkpoint(round_index: int) -> None:
+        state = loop.state_dict()
+        shards = loop.shard_state_dict()
+        if shards is not None:
+            save_shard(checkpoints, round_index, ranks.rank, shards, keep_last)
+            ranks.barrier()  # the round's file only once every rank's shards are on disk
+        if ranks.is_main:
+            save_checkpoint(checkpoints, round_index, state, keep_last)
+    return checkpoint
+
+
+def _load(loop: FederatedLoop, ranks: Ranks, checkpoints: Path) -> Path:
+    """Load the newest readable checkpoint (and this rank's shards of it) into `loop`."""
+    checkpoint, state = load_latest(checkpoints)
+    loop.load_state_dict(state)
+    if loop.server_tables.sharded:
+        loop.load_shard_state_dict(load_shard(checkpoints, loop.completed_rounds, ranks.rank))
+    return checkpoint
+
+
+def _save_final_shards(loop: FederatedLoop, ranks: Ranks, checkpoints: Path) -> None:
+    """Sharded tables: each rank's final shards beside final.pt (which has no tables)."""
+    shards = loop.shard_state_dict()
+    if shards is not None:
+        save_atomically(checkpoints / f"final.rank{ranks.rank}.pt", shards)
 
 
 def _resumed(resume: str, experiment_name: str, resolved: str,
-             loop: FederatedLoop | None) -> RunDirectory:
+             loop: FederatedLoop | None, ranks: Ranks) -> RunDirectory:
     """Reopen the run to continue and load its newest readable checkpoint into `loop`."""
     if loop is None:
         raise ConfigError("--resume continues federated runs; this experiment is centralized")
     path = resume_directory(resume, experiment_name)
     check_same_experiment(path, resolved)
-    checkpoint, state = load_latest(path / "checkpoints")
-    loop.load_state_dict(state)
+    checkpoint = _load(loop, ranks, path / "checkpoints")
     log.info("resuming %s after round %d (%s)", path, loop.completed_rounds, checkpoint.name)
     return RunDirectory(path, resume_after=loop.completed_rounds)
 

@@ -31,10 +31,12 @@ from fltoolkit.faults import norm_outliers
 from fltoolkit.model_parts import split_parameters
 from fltoolkit.optimizer_state import ClientOptimizerStates
 from fltoolkit.privacy.local_tables import LocalTableStore
+from fltoolkit.server_tables import ServerTables, ShardedServerTables
 from fltoolkit.strategies.base import ServerModel
 from fltoolkit.systems.clock import client_seconds
 from fltoolkit.systems.config import SystemsConfig
 from fltoolkit.updates import ClientUpdate
+from recsys.sharding import ShardedTables
 
 log = logging.getLogger("fltk")
 
@@ -91,6 +93,8 @@ class FederatedLoop:
         systems: simulated devices and round policy; None or disabled: every selected client
             is aggregated and there is no clock.
         ranks: the processes sharing the cohort (fltoolkit.distributed); one by default.
+        sharded_tables: the module's tables, sharded across `ranks` (recsys.sharding
+            `shard_module_tables`); None: the module holds them whole.
     """
 
     def __init__(self, module: torch.nn.Module, data: PreparedData, config: FederatedConfig,
@@ -98,7 +102,8 @@ class FederatedLoop:
                  on_evaluation: Callable[[dict[str, Any]], None] | None = None,
                  systems: SystemsConfig | None = None,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
-                 ranks: Ranks | None = None) -> None:
+                 ranks: Ranks | None = None,
+                 sharded_tables: ShardedTables | None = None) -> None:
         self.module, self.data, self.config, self.seed = module, data, config, seed
         self.ranks = ranks or Ranks()
         self.eval_batch_size = eval_batch_size
@@ -106,10 +111,15 @@ class FederatedLoop:
         self.on_round = on_round or (lambda row: None)
         self.parts = split_parameters(module, data.features.sparse)
         local = self._local_table_names()
+        if local and sharded_tables is not None:
+            raise ConfigError("federated.local_tables and federated.sharding exclude each other: "
+                              "local tables live with their clients, not on the server's shards")
         self.local_tables = (LocalTableStore({n: self.parts.tables[n].weight for n in local})
                              if local else None)
-        self.server_tables = {name: part.weight.detach()
-                              for name, part in self.parts.tables.items() if name not in local}
+        self.server_tables = (ShardedServerTables(sharded_tables) if sharded_tables else
+                              ServerTables({name: part.weight.detach()
+                                            for name, part in self.parts.tables.items()
+                                            if name not in local}))
         self.strategy = config.strategy
         self.selector = config.selector
         num_clients = data.train.num_clients
@@ -120,7 +130,8 @@ class FederatedLoop:
         self.trainer = CohortTrainer(
             module, self.parts, data.train,
             LocalSchedule(config.batch_size, config.local_steps or 1, config.local_epochs),
-            proximal_mu=self.strategy.proximal_mu, local_tables=self.local_tables,
+            self.server_tables, proximal_mu=self.strategy.proximal_mu,
+            local_tables=self.local_tables,
             optimizer_states=ClientOptimizerStates() if config.keep_optimizer_state else None)
         self.participation = np.zeros(num_clients, dtype=np.int64)
         enabled = systems is not None and systems.enabled
@@ -214,6 +225,18 @@ class FederatedLoop:
             "torch_rng": torch.get_rng_state(),
         }
 
+    def shard_state_dict(self) -> dict[str, Any] | None:
+        """With sharded tables, what only this rank holds: its shards and the strategy's state
+        of them (for its own checkpoint file); None otherwise."""
+        tables = self.server_tables.state_dict()
+        return None if tables is None else {"tables": tables,
+                                            "strategy": self.strategy.state_dict()}
+
+    def load_shard_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `shard_state_dict()`'s output, after `load_state_dict`."""
+        self.server_tables.load_state_dict(state["tables"])
+        self.strategy.load_state_dict(state["strategy"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()`'s output (the same experiment, built afresh)."""
         self.module.load_state_dict(state["module"])
@@ -260,7 +283,7 @@ class FederatedLoop:
         clients = np.array(chosen)
         mine = [client for client in chosen if self.ranks.owns(client)]
         trained = self.trainer.train_round(
-            mine, [self._client_seed(round_index, client) for client in mine]) if mine else []
+            mine, [self._client_seed(round_index, client) for client in mine])
         updates = self._accepted(
             self.ranks.cohort_updates(chosen, trained, self.trainer.dense_size),
             round_index, stats)
@@ -280,20 +303,24 @@ class FederatedLoop:
 
     @torch.no_grad()
     def _aggregate(self, updates: list[ClientUpdate]) -> bool:
-        """Apply the strategy; if the new global weights are not finite, put back the old
-        ones (only the rows the round touched can have changed) and return False."""
+        """Apply the strategy to the tables (or shards) this rank holds; if the new global
+        weights are not finite on any rank, put back the old ones (only the rows the round
+        touched can have changed) and return False."""
+        tables = self.server_tables.owned()
+        updates = [self.server_tables.owned_part(update) for update in updates]
         touched = {name: torch.unique(torch.cat([u.tables[name].ids for u in updates
                                                  if name in u.tables]))
-                   for name in self.server_tables if any(name in u.tables for u in updates)}
-        before = {name: self.server_tables[name][ids].clone() for name, ids in touched.items()}
-        server = ServerModel(parameters_to_vector(self.parts.dense).detach().clone(),
-                             self.server_tables)
+                   for name in tables if any(name in u.tables for u in updates)}
+        before = {name: tables[name][ids].clone() for name, ids in touched.items()}
+        server = ServerModel(parameters_to_vector(self.parts.dense).detach().clone(), tables)
         self.strategy.aggregate(updates, server)
-        sums = [server.dense.sum(), *(self.server_tables[name][ids].sum()
-                                      for name, ids in touched.items())]
-        if not torch.isfinite(torch.stack(sums)).all():
+        sums = [server.dense.sum(), *(tables[name][ids].sum() for name, ids in touched.items())]
+        broken = not bool(torch.isfinite(torch.stack(sums)).all())
+        if self.server_tables.sharded:  # a shard elsewhere may be the one that broke
+            broken = self.ranks.any(broken)
+        if broken:
             for name, ids in touched.items():
-                self.server_tables[name][ids] = before[name]
+                tables[name][ids] = before[name]
             return False
         vector_to_parameters(server.dense, self.parts.dense)
         return True
@@ -376,10 +403,13 @@ class FederatedLoop:
         return list(self.module.parameters())
 
     def server_state_dict(self) -> dict[str, torch.Tensor]:
-        """The module's state without client-local tables: what the server may keep."""
-        local = self.local_tables.initial if self.local_tables else {}
+        """The module's state without client-local tables (what the server may keep) and
+        without the placeholders of sharded ones (`shard_state_dict` holds those)."""
+        left_out = list(self.local_tables.initial) if self.local_tables else []
+        if self.server_tables.sharded:
+            left_out = list(self.parts.tables)
         names = {id(p): name for name, p in self.module.named_parameters()}
-        excluded = {names[id(self.parts.tables[table].weight)] for table in local}
+        excluded = {names[id(self.parts.tables[table].weight)] for table in left_out}
         return {name: value for name, value in self.module.state_dict().items()
                 if name not in excluded}
 
@@ -398,7 +428,8 @@ class FederatedLoop:
 
     def _evaluate(self, round_index: int, stats: RoundStats, started: float) -> dict[str, Any]:
         result = evaluate(self.module, self.parts, self.data.test, self.eval_batch_size,
-                          self.data.train.client_ids, self.local_tables, self.ranks)
+                          self.data.train.client_ids, self.local_tables, self.ranks,
+                          self.server_tables)
         metrics, self.test_clients = result.metrics, result.clients
         row = {
             "round": round_index,

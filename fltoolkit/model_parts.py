@@ -16,10 +16,13 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 @dataclass(frozen=True)
 class TablePart:
-    """One embedding table: its weight [rows, E] and the ClientTable.sparse columns it embeds."""
+    """One embedding table: its weight [rows, E] and the ClientTable.sparse columns it embeds.
+    With sharded server tables (recsys.sharding) the weight is an empty [0, E] placeholder and
+    `num_rows` the table's true size."""
 
     weight: nn.Parameter
     columns: list[int]
+    num_rows: int
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ def split_parameters(module: nn.Module, sparse_features: list[str]) -> ModelPart
                                  f"among the data's sparse features {sparse_features}")
             weight = collection.embedding_bags[config.name].weight
             columns = [sparse_features.index(f) for f in config.feature_names]
-            tables[config.name] = TablePart(weight, columns)
+            tables[config.name] = TablePart(weight, columns, config.num_embeddings)
     table_ids = {id(part.weight) for part in tables.values()}
     dense = [p for p in module.parameters() if id(p) not in table_ids and p.requires_grad]
     return ModelParts(dense, tables)

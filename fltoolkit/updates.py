@@ -7,6 +7,7 @@ aggregation proportional to the cohort's data instead of to the tables.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -65,6 +66,9 @@ class ClientUpdate:
         loss_squared_sum: sum over those samples of their squared loss (Oort's utility).
         finite: whether every delta is finite, when the producer checked a whole round at once
             (None: `is_finite` checks this update's tensors).
+        whole_squared_norm: set when this update holds only the part of the tables one rank's
+            shards cover (fltoolkit.server_tables): the squared norm of the whole update, so
+            norm-based strategies weigh clients the same on every rank.
     """
 
     client: int
@@ -76,22 +80,30 @@ class ClientUpdate:
     samples_trained: int = 0
     loss_squared_sum: float = 0.0
     finite: bool | None = None
+    whole_squared_norm: float | None = None
 
     def upload_bytes(self) -> int:
         dense = self.dense.numel() * self.dense.element_size()
         return dense + sum(rows.num_bytes() for rows in self.tables.values())
 
+    def squared_norm(self) -> float:
+        """Squared L2 norm of the whole update: the dense delta and every row sent, together
+        (summed in float64)."""
+        if self.whole_squared_norm is not None:
+            return self.whole_squared_norm
+        return float(self.dense.double().square().sum()) + sum(
+            float(rows.values.double().square().sum()) for rows in self.tables.values())
+
     def norm(self) -> float:
-        """L2 norm of the whole update: the dense delta and every row sent, together."""
-        squares = self.dense.double().square().sum() + sum(
-            rows.values.double().square().sum() for rows in self.tables.values())
-        return float(squares.sqrt())
+        return math.sqrt(self.squared_norm())
 
     def scaled(self, factor: float) -> ClientUpdate:
         """A copy with every delta times `factor` (finiteness is checked again)."""
         tables = {name: SparseRows(rows.ids, rows.values * factor)
                   for name, rows in self.tables.items()}
-        return replace(self, dense=self.dense * factor, tables=tables, finite=None)
+        whole = None if self.whole_squared_norm is None else self.whole_squared_norm * factor ** 2
+        return replace(self, dense=self.dense * factor, tables=tables, finite=None,
+                       whole_squared_norm=whole)
 
     def is_finite(self) -> bool:
         """No NaN or Inf anywhere (one sum per tensor: NaN and Inf propagate through sums)."""

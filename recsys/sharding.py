@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -190,10 +190,23 @@ class ShardedTables:
             if len(shards) == 1:
                 parts.append(f"{name}@{shards[0].rank}")
             else:
+                rows = self._configs[name].num_embeddings
                 parts.append(f"{name}[" + " ".join(
-                    f"r{s.row}:{s.row + s.rows},c{s.column}:{s.column + s.columns}@{s.rank}"
-                    for s in shards) + "]")
+                    ("" if s.rows == rows else f"r{s.row}:{s.row + s.rows},")
+                    + f"c{s.column}:{s.column + s.columns}@{s.rank}" for s in shards) + "]")
         return f"{self.sharding} over {self.world_size} ranks: " + ", ".join(parts)
+
+    def owned(self) -> dict[str, tuple[int, Tensor]]:
+        """This rank's shard of each table it holds part of: (first column, [rows, columns]
+        tensor). Table- and column-wise shards span all rows; one shard per table per rank."""
+        owned: dict[str, tuple[int, Tensor]] = {}
+        for k, tensor in self._local.items():
+            shard = self._shards[k]
+            if shard.table in owned or shard.rows != self._configs[shard.table].num_embeddings:
+                raise ValueError(f"table {shard.table!r} is split into row blocks or several "
+                                 f"shards on rank {self.rank}: {self.plan_summary()}")
+            owned[shard.table] = (shard.column, tensor)
+        return owned
 
     def local_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._local.values())
@@ -333,3 +346,23 @@ class ShardedTables:
         self.embedding_bag_collection.eval()
         result = self.embedding_bag_collection(features)
         return result.wait() if hasattr(result, "wait") else result
+
+
+def shard_module_tables(module: nn.Module, sharding: str) -> ShardedTables:
+    """Collective: move the tables of the module's EmbeddingBagCollection into ShardedTables,
+    leaving empty [0, E] placeholder weights in the module.
+
+    The module's own forward then needs rows swapped in for the ids it will see, which is how
+    the federated trainer and evaluation use it anyway; the model code never knows.
+    """
+    collections = [m for m in module.modules() if isinstance(m, EmbeddingBagCollection)]
+    if len(collections) != 1:
+        raise ValueError(f"sharding needs exactly one EmbeddingBagCollection in the model, "
+                         f"found {len(collections)}")
+    collection = collections[0]
+    tables = ShardedTables.build(collection, sharding)
+    for config in collection.embedding_bag_configs():
+        bag = collection.embedding_bags[config.name]
+        bag.weight = nn.Parameter(torch.empty(0, config.embedding_dim),
+                                  requires_grad=bag.weight.requires_grad)
+    return tables

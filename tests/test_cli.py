@@ -59,6 +59,9 @@ def test_centralized_fit_writes_config_metrics_and_summary(tmp_path, capsys):
      "federated.clients_per_round=100000 exceeds the"),
     (["--federated.faults.nan", "1.5"], "federated.faults.nan must be in [0, 1], got 1.5"),
     (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: not a run directory"),
+    (["--federated.sharding", "table_wise"], "federated.sharding=table_wise splits the tables "
+     "across ranks: launch with torchrun"),
+    (["--federated.sharding", "rows"], "federated.sharding"),
 ])
 def test_bad_config_fails_in_one_line_naming_the_key(tmp_path, capsys, args, message):
     assert _fit(tmp_path, "--run_dir", str(tmp_path / "run"), *args) == 2

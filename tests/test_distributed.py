@@ -67,6 +67,47 @@ def test_two_ranks_give_the_metrics_of_one(tmp_path):
         torch.testing.assert_close(split_state["module"][name], value, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.slow
+def test_sharded_tables_give_the_metrics_of_whole_ones(tmp_path):
+    """Table- and column-wise shards on 2 ranks vs whole tables in 1 process (FedAdam, so the
+    row moments live with the shards too); the final shards put together are the tables."""
+    args = _args(tmp_path, "one")
+    at = args.index("--federated.local_tables")
+    del args[at:at + 2]  # every table on the server
+    assert main(args) == 0
+    one = _metrics(tmp_path / "one")
+    whole = torch.load(tmp_path / "one" / "checkpoints" / "final.pt", weights_only=True)
+    for sharding in ("table_wise", "column_wise"):
+        run = tmp_path / sharding
+        launched = _launch([*args, "--federated.sharding", sharding, "--run_dir", str(run)], 2)
+        assert launched.returncode == 0, launched.stderr[-3000:]
+        for single, split in zip(one, _metrics(run), strict=True):
+            assert {k: single[k] for k in EXACT} == {k: split[k] for k in EXACT}
+            for key in ("auc", "logloss", "gauc", "train_loss"):
+                assert float(split[key]) == pytest.approx(float(single[key]), abs=TOLERANCE)
+        dense = torch.load(run / "checkpoints" / "final.pt", weights_only=True)
+        assert dense.keys() == {k for k in whole if ".embedding_bags." not in k}
+        tables = _assembled([torch.load(run / "checkpoints" / f"final.rank{rank}.pt",
+                                        weights_only=True)["tables"] for rank in (0, 1)])
+        assert len(tables) == 15
+        for name, table in tables.items():
+            expected = whole[next(k for k in whole if k.endswith(f".{name}.weight"))]
+            torch.testing.assert_close(table, expected, atol=TOLERANCE, rtol=0)
+
+
+def _assembled(ranks: list[dict]) -> dict[str, torch.Tensor]:
+    """Whole tables from the ranks' `ShardedTables.state_dict_local` entries."""
+    tables = {}
+    for shards in ranks:
+        for name, entry in shards.items():
+            table = tables.setdefault(name, torch.full(entry["shape"], float("nan")))
+            for shard in entry["shards"]:
+                rows, columns = shard["values"].shape
+                table[shard["row"]:shard["row"] + rows,
+                      shard["column"]:shard["column"] + columns] = shard["values"]
+    return tables
+
+
 def test_packed_updates_unpack_to_the_same_rows_and_absent_tables_stay_absent():
     rows = SparseRows(torch.tensor([3, 7]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
     empty = SparseRows(torch.tensor([], dtype=torch.int64), torch.zeros(0, 2))

@@ -12,6 +12,7 @@ from fltoolkit.client import CohortTrainer, LocalSchedule
 from fltoolkit.config import FederatedConfig
 from fltoolkit.loop import FederatedLoop, RoundStats
 from fltoolkit.model_parts import split_parameters
+from fltoolkit.server_tables import ServerTables
 from fltoolkit.strategies import FedProx, FedYogi
 from fltoolkit.systems.clock import client_seconds
 from fltoolkit.updates import ClientUpdate, SparseRows
@@ -33,7 +34,10 @@ def _state(module: CTRModule) -> dict[str, torch.Tensor]:
 def _trainer(data, module, **kwargs) -> CohortTrainer:
     parts = split_parameters(module, data.features.sparse)
     schedule = LocalSchedule(batch_size=4, local_steps=3)
-    return CohortTrainer(module, parts, data.train, schedule, **kwargs)
+    local = kwargs["local_tables"].initial if kwargs.get("local_tables") else {}
+    served = ServerTables({name: part.weight.detach() for name, part in parts.tables.items()
+                           if name not in local})
+    return CohortTrainer(module, parts, data.train, schedule, served, **kwargs)
 
 
 def _train_one(trainer: CohortTrainer, client: int, seed: int) -> ClientUpdate:
@@ -145,7 +149,7 @@ def test_local_tables_never_leave_the_client(synthetic_data):
     loop.run()
     assert sent and all("user" not in u.tables for u in sent)
     assert all("adgroup_id" in u.tables for u in sent)
-    assert "user" not in loop.server_tables
+    assert "user" not in loop.server_tables.names
     assert torch.equal(user_table.detach(), initial_user)  # the server's copy never trained
     stored = loop.local_tables.rows["user"]
     assert set(stored) == set(torch.nonzero(torch.tensor(loop.participation)).flatten().tolist())

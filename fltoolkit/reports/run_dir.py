@@ -17,6 +17,7 @@ from typing import Any
 import polars as pl
 import torch
 
+from fltoolkit.checkpoint import save_atomically
 from fltoolkit.reports.tensorboard import TensorBoardLog
 
 METRIC_COLUMNS = ("round", "wall_time_s", "auc", "logloss", "ne", "gauc", "calibration")
@@ -127,11 +128,7 @@ class RunDirectory:
 
     def save_model(self, state: dict[str, torch.Tensor]) -> Path:
         """checkpoints/final.pt: tensors only, so `torch.load(weights_only=True)` reads it."""
-        path = self.path / "checkpoints" / "final.pt"
-        tmp = path.with_name(".final.pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        return path
+        return save_atomically(self.checkpoints / "final.pt", state)
 
     def close(self) -> None:
         self.tensorboard.close()
