@@ -79,7 +79,7 @@ def _run_fit(cli: Any, experiment_name: str, ranks: Ranks) -> Path | None:
     if ranks.distributed and not federated.enabled:
         raise ConfigError("several ranks (torchrun) split federated cohorts; centralized "
                           "training runs in one process (set federated.enabled true)")
-    sharding = federated.sharding if federated.enabled else "none"
+    sharding = federated.sharding
     if sharding != "none" and not ranks.distributed:
         raise ConfigError(f"federated.sharding={sharding} splits the tables across ranks: "
                           "launch with torchrun --nproc_per_node N (N >= 2)")
