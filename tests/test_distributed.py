@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,17 +72,25 @@ def test_two_ranks_give_the_metrics_of_one(tmp_path):
 @pytest.mark.slow
 def test_sharded_tables_give_the_metrics_of_whole_ones(tmp_path):
     """Table- and column-wise shards on 2 ranks vs whole tables in 1 process (FedAdam, so the
-    row moments live with the shards too); the final shards put together are the tables."""
+    row moments live with the shards too); the table-wise run is stopped with SIGINT after a
+    checkpoint and resumed from its per-rank shard files. The final shards put together are
+    the tables."""
     args = _args(tmp_path, "one")
     at = args.index("--federated.local_tables")
     del args[at:at + 2]  # every table on the server
+    args += ["--federated.rounds", "10", "--federated.checkpoint_interval", "1"]
     assert main(args) == 0
     one = _metrics(tmp_path / "one")
     whole = torch.load(tmp_path / "one" / "checkpoints" / "final.pt", weights_only=True)
     for sharding in ("table_wise", "column_wise"):
         run = tmp_path / sharding
-        launched = _launch([*args, "--federated.sharding", sharding, "--run_dir", str(run)], 2)
+        sharded = [*args, "--federated.sharding", sharding, "--run_dir", str(run)]
+        if sharding == "table_wise":
+            _stop_after_a_checkpoint(sharded, run)
+            sharded += ["--resume", str(run)]
+        launched = _launch(sharded, 2)
         assert launched.returncode == 0, launched.stderr[-3000:]
+        assert len(_metrics(run)) == len(one) == 10
         for single, split in zip(one, _metrics(run), strict=True):
             assert {k: single[k] for k in EXACT} == {k: split[k] for k in EXACT}
             for key in ("auc", "logloss", "gauc", "train_loss"):
@@ -93,6 +103,23 @@ def test_sharded_tables_give_the_metrics_of_whole_ones(tmp_path):
         for name, table in tables.items():
             expected = whole[next(k for k in whole if k.endswith(f".{name}.weight"))]
             torch.testing.assert_close(table, expected, atol=TOLERANCE, rtol=0)
+
+
+def _stop_after_a_checkpoint(args: list[str], run: Path) -> None:
+    """Start a 2-rank run, SIGINT it once round 2's checkpoint exists; it must stop early."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "fltoolkit.cli", *args]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoints" / "round_000002.pt").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=240)
+    stopped_at = load_latest(run / "checkpoints")[1]["completed_rounds"]
+    assert 2 <= stopped_at < 10, err[-3000:]
+    assert (run / "checkpoints" / f"round_{stopped_at:06d}.rank1.pt").exists()
 
 
 def _assembled(ranks: list[dict]) -> dict[str, torch.Tensor]:
