@@ -151,7 +151,8 @@ def _run_fit(cli: Any, experiment_name: str, ranks: Ranks) -> Path | None:
         **{k: final[k] for k in FEDERATED_KEYS if k in final},
         **{k: info[k] for k in SUMMARY_INFO_KEYS if k in info},
         **report.known_baselines(),
-        "model_parameters": sum(p.numel() for p in model.parameters()),
+        "model_parameters": sum(p.numel() for p in model.parameters())
+        + (sharded.num_parameters() if sharded else 0),  # the module holds placeholders
         "wall_time_s": round(time.perf_counter() - started, 3),
     }
     run_dir.write_summary(summary)

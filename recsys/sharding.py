@@ -208,6 +208,10 @@ class ShardedTables:
             owned[shard.table] = (shard.column, tensor)
         return owned
 
+    def num_parameters(self) -> int:
+        """Values in all the tables, whichever rank holds them."""
+        return sum(rows * dim for rows, dim in map(self.shape, self.names))
+
     def local_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._local.values())
 

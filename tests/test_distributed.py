@@ -4,6 +4,7 @@ share of the cohort, the deltas are exchanged, test rows are scored where their 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -95,6 +96,7 @@ def test_sharded_tables_give_the_metrics_of_whole_ones(tmp_path):
             assert {k: single[k] for k in EXACT} == {k: split[k] for k in EXACT}
             for key in ("auc", "logloss", "gauc", "train_loss"):
                 assert float(split[key]) == pytest.approx(float(single[key]), abs=TOLERANCE)
+        assert _summary(run)["model_parameters"] == _summary(tmp_path / "one")["model_parameters"]
         dense = torch.load(run / "checkpoints" / "final.pt", weights_only=True)
         assert dense.keys() == {k for k in whole if ".embedding_bags." not in k}
         tables = _assembled([torch.load(run / "checkpoints" / f"final.rank{rank}.pt",
@@ -120,6 +122,10 @@ def _stop_after_a_checkpoint(args: list[str], run: Path) -> None:
     stopped_at = load_latest(run / "checkpoints")[1]["completed_rounds"]
     assert 2 <= stopped_at < 10, err[-3000:]
     assert (run / "checkpoints" / f"round_{stopped_at:06d}.rank1.pt").exists()
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
 
 
 def _assembled(ranks: list[dict]) -> dict[str, torch.Tensor]:
