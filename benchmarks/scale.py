@@ -3,8 +3,8 @@ sharded tables.
 
 Round time: the default experiment with a cohort of 200 clients (on 2 ranks also with tables
 sharded table-wise); each configuration is one `fltk fit` launched under torchrun. It is the
-median of `round_wall_s` in rounds.csv, the first round (warm-up) excluded. On a 2-core machine two ranks bring little speed-up: the
-figure is for the record.
+median of `round_wall_s` in rounds.csv, the first round (warm-up) excluded. On a 2-core
+machine two ranks bring little speed-up: the figure is for the record.
 
 Memory: 2 ranks run 3 rounds of 200 clients on generated data whose 4 sparse features each
 have 1M ids (4 tables x 1M rows x 16 = 256 MB), with whole tables on each rank (`none`) and

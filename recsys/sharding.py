@@ -7,9 +7,9 @@ DMP materializes just the local shards (wrapping full tables would keep them ali
 Rows move by id with `all_to_all_single`, three calls per operation whatever the number of
 tables (counts, ids, values): gloo supports that form with uneven splits, not the list form.
 Every collective method must be called by every rank, in the same order, with the same table
-names in the same order. The shard tensors alias the weights DMP's forward reads, so writes
-are seen by later fetches and by `pooled`. Nothing here trains through DMP: backward through
-it would apply TorchRec's default fused SGD.
+names in the same order. The federated server writes its aggregated rows straight into this
+rank's shard tensors (`owned`); nothing here runs DMP's forward or trains through it
+(backward through DMP would apply TorchRec's default fused SGD).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys.table_init import Target, fill_initial
 
@@ -212,9 +211,6 @@ class ShardedTables:
         """Values in all the tables, whichever rank holds them."""
         return sum(rows * dim for rows, dim in map(self.shape, self.names))
 
-    def local_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._local.values())
-
     def _check(self, requests: dict[str, Tensor]) -> None:
         if list(requests) != self.names:
             raise ValueError(f"requests must name every table in order {self.names}, "
@@ -236,11 +232,6 @@ class ShardedTables:
                for dst in range(self.world_size) for k in self._on_rank[dst]]
         rows = _all_to_all(ids, sent.sum(1).tolist(), received.sum(1).tolist(), torch.int64)
         return _Route(positions, sent, received, rows)
-
-    def _columns(self, k: int, values: Tensor) -> Tensor:
-        """The columns of full-width rows [R, E] that shard k holds."""
-        shard = self._shards[k]
-        return values[:, shard.column:shard.column + shard.columns]
 
     def _floats_per_rank(self, counts: Tensor) -> list[int]:
         """Values per rank of an exchange carrying counts[rank, k] rows of every shard k."""
@@ -278,37 +269,6 @@ class ShardedTables:
                 start += size
         return out
 
-    @torch.no_grad()
-    def write(self, rows: dict[str, tuple[Tensor, Tensor]]) -> None:
-        """Collective: overwrite rows (ids [R], values [R, E]) sent by any rank, in place.
-
-        Ids should be unique within one rank's request; a row sent by several ranks ends with
-        the highest rank's values. When every rank holds the same rows, `apply_local` does the
-        same without communicating.
-        """
-        requests = {name: ids for name, (ids, _) in rows.items()}
-        self._check(requests)
-        route = self._route(requests)
-        payload = [self._columns(k, rows[self._shards[k].table][1][route.positions[k]])
-                   for dst in range(self.world_size) for k in self._on_rank[dst]]
-        values = _all_to_all(payload, self._floats_per_rank(route.sent),
-                             self._floats_per_rank(route.received), torch.float32)
-        for k, local_rows, part in self._received(route):
-            self._local[k][local_rows] = values[part].view(-1, self._shards[k].columns)
-
-    @torch.no_grad()
-    def apply_local(self, name: str, ids: Tensor, values: Tensor) -> None:
-        """Write the part of (ids [R], values [R, E]) this rank owns; no communication.
-
-        For rows every rank holds alike (the server's aggregated rows): each owner keeps its
-        share. Ids must be unique (which duplicate wins is undefined).
-        """
-        for k, tensor in self._local.items():
-            shard = self._shards[k]
-            if shard.table == name:
-                hits = shard.hits(ids)
-                tensor[ids[hits] - shard.row] = self._columns(k, values[hits])
-
     def state_dict_local(self) -> dict[str, dict[str, Any]]:
         """This rank's shards (copies) and the layout they belong to, for a per-rank
         checkpoint file (plain tensors, ints and strings: loads with weights_only=True)."""
@@ -343,14 +303,6 @@ class ShardedTables:
             tensors = [t for k, t in self._local.items() if self._shards[k].table == name]
             for tensor, saved in zip(tensors, entry["shards"], strict=True):
                 tensor.copy_(saved["values"])
-
-    @torch.no_grad()
-    def pooled(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Collective: the sharded forward (pooled embeddings of this rank's batch)."""
-        self.embedding_bag_collection.eval()
-        result = self.embedding_bag_collection(features)
-        return result.wait() if hasattr(result, "wait") else result
-
 
 def shard_module_tables(module: nn.Module, sharding: str) -> ShardedTables:
     """Collective: move the tables of the module's EmbeddingBagCollection into ShardedTables,

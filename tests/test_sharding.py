@@ -1,5 +1,6 @@
 """Server tables sharded across two ranks (torchrun, gloo on localhost) behave like one
-unsharded collection: same initial values, same rows after writes, same pooled forward."""
+unsharded collection: same initial values, same rows after writes to the shards, and a
+checkpoint of each rank's shards that only that rank can load."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.dlrm import build_embedding_bags
 from recsys.table_init import tables_on_meta
@@ -23,17 +23,9 @@ DIM = 8
 SEED = 3
 
 
-def _batch(names: list[str], size: int, generator: torch.Generator) -> KeyedJaggedTensor:
-    """One to three ids per bag, so sum pooling is exercised."""
-    lengths = torch.randint(1, 4, (len(names) * size,), generator=generator, dtype=torch.int32)
-    values = [torch.randint(0, rows, (int(lengths[i * size:(i + 1) * size].sum()),),
-                            generator=generator) for i, rows in enumerate(ROWS)]
-    return KeyedJaggedTensor(keys=names, values=torch.cat(values), lengths=lengths)
-
-
 def _check(sharding: str, directory: Path) -> None:
     """One rank's side of the checks for one sharding type."""
-    from recsys.sharding import ShardedTables
+    from recsys.sharding import ShardedTables, shard_module_tables
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(SEED)
@@ -42,12 +34,15 @@ def _check(sharding: str, directory: Path) -> None:
     with tables_on_meta():
         source = build_embedding_bags(NAMES, ROWS, DIM)
     tables = ShardedTables.build(source, sharding)
-    weights = {n: reference.embedding_bags[n].weight.detach() for n in tables.names}
+    weights = {n: reference.embedding_bags[n].weight.detach().clone() for n in tables.names}
+    initial = {n: weights[n].clone() for n in tables.names}
     draws = [None] * world
     dist.all_gather_object(draws, torch.rand(1).item())
     assert len(set(draws)) == 1, f"{sharding}: building desynchronized the ranks' generators"
-    full_bytes = sum(rows * DIM * 4 for rows in ROWS)
-    assert 0 < tables.local_bytes() < full_bytes, (sharding, tables.plan_summary())
+    owned = tables.owned()
+    held = sum(shard.numel() for _, shard in owned.values())
+    assert 0 < held < sum(ROWS) * DIM, (sharding, tables.plan_summary())
+    assert tables.num_parameters() == sum(ROWS) * DIM
 
     # every rank asks for other rows, t1 for none at all on rank 1
     ask = torch.Generator().manual_seed(rank)
@@ -58,39 +53,27 @@ def _check(sharding: str, directory: Path) -> None:
     for name, got in tables.fetch(requests).items():
         assert torch.equal(got, weights[name][requests[name]]), name
 
-    # the same changes on the sharded tables and on an unsharded reference
+    # what a rank writes into its own shards (as aggregation does) every rank then fetches
     shared = torch.Generator().manual_seed(11)  # the same draws on every rank
-    sent = {}
     for name, rows in zip(tables.names, ROWS, strict=True):
-        ids = torch.randperm(rows, generator=shared)[:30 * world]
+        ids = torch.randperm(rows, generator=shared)[:30]
         values = torch.randn(ids.numel(), DIM, generator=shared)
         weights[name][ids] = values
-        sent[name] = (ids[30 * rank:30 * (rank + 1)], values[30 * rank:30 * (rank + 1)])
-    tables.write(sent)
-    ids = torch.tensor([5, 17])  # every rank sends row 5: the highest rank's values stay
-    values = torch.full((2, DIM), float(rank))
-    weights["t0"][ids] = float(world - 1)
-    tables.write({"t0": (ids, values), "t1": (ids[:0], values[:0]), "t2": (ids[:0], values[:0])})
-    for name, rows in zip(tables.names, ROWS, strict=True):
-        ids = torch.randperm(rows, generator=shared)[:25]
-        values = torch.randn(ids.numel(), DIM, generator=shared)
-        weights[name][ids] = values
-        tables.apply_local(name, ids, values)
+        if name in owned:
+            first, shard = owned[name]
+            shard[ids] = values[:, first:first + shard.shape[1]]
     everything = {n: torch.arange(rows) for n, rows in zip(tables.names, ROWS, strict=True)}
     for name, got in tables.fetch(everything).items():
-        torch.testing.assert_close(got, weights[name], atol=1e-6, rtol=0, msg=name)
-
-    batch = _batch(tables.names, 16 + 5 * rank, torch.Generator().manual_seed(100 + rank))
-    pooled, expected = tables.pooled(batch), reference(batch)
-    for name in tables.names:
-        torch.testing.assert_close(pooled[name], expected[name], atol=1e-6, rtol=0)
+        assert torch.equal(got, weights[name]), name
 
     # per-rank checkpoint: round trip, and another rank's file is refused
     path = directory / f"{sharding}-{rank}.pt"
     torch.save(tables.state_dict_local(), path)
-    tables.apply_local("t0", torch.arange(ROWS[0]), torch.zeros(ROWS[0], DIM))
+    for _, shard in owned.values():
+        shard.zero_()
     tables.load_state_dict_local(torch.load(path, weights_only=True))
-    assert torch.equal(tables.fetch(everything)["t0"], weights["t0"])
+    for name, got in tables.fetch(everything).items():
+        assert torch.equal(got, weights[name]), name
     dist.barrier()
     other = torch.load(directory / f"{sharding}-{(rank + 1) % world}.pt", weights_only=True)
     try:
@@ -99,6 +82,15 @@ def _check(sharding: str, directory: Path) -> None:
         assert "layout" in str(error)
     else:
         raise AssertionError(f"{sharding}: loaded another rank's shards")
+
+    # a module's collection: sharded, placeholders left behind
+    torch.manual_seed(SEED)
+    with tables_on_meta():
+        module = torch.nn.Sequential(build_embedding_bags(NAMES, ROWS, DIM))
+    in_module = shard_module_tables(module, sharding)
+    assert all(p.shape == (0, DIM) and not p.is_meta for p in module.parameters())
+    for name, got in in_module.fetch(requests).items():
+        assert torch.equal(got, initial[name][requests[name]]), name
 
 
 def _run_ranks() -> None:
