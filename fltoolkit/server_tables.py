@@ -65,9 +65,10 @@ class ShardedServerTables(ServerTables):
 
     def __init__(self, tables: ShardedTables) -> None:
         self.tables = tables
+        owned = tables.owned()
         self.columns = {name: slice(first, first + shard.shape[1])
-                        for name, (first, shard) in tables.owned().items()}
-        super().__init__({name: shard for name, (_, shard) in tables.owned().items()})
+                        for name, (first, shard) in owned.items()}
+        super().__init__({name: shard for name, (_, shard) in owned.items()})
 
     @property
     def names(self) -> list[str]:
