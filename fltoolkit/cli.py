@@ -30,13 +30,18 @@ class UsageError(ValueError):
 
 
 def _configure_logging() -> None:
+    import lightning  # noqa: F401 - its import sets its loggers' levels, which we override
     from rich.logging import RichHandler
 
-    # libraries report at WARNING and above (fbgemm logs every kernel library it loads at
-    # INFO, TorchRec's planner a statistics table); fltk's own progress at INFO
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
-    logging.getLogger("fltk").setLevel(logging.INFO)
+    handler = RichHandler(show_path=False, rich_tracebacks=False)
+    # fbgemm logs every kernel library it loads at INFO on the root logger
+    handler.addFilter(lambda record: record.name != "root" or record.levelno >= logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[handler], force=True)
+    # torchrec: its planner logs a statistics table per rank
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "torch.distributed",
+                  "torchrec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     # torchrec trips torch.fx's deprecation notice about is_fx_tracing on every run
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     for message in ("is_fx_tracing", "does not have many workers", "LightningCLI's args",
