@@ -96,7 +96,8 @@ def _run(action: Callable[[], object], user_errors: tuple[type[Exception], ...],
     try:
         action()
     except user_errors as error:
-        print(f"fltk {command}: error: {message(error)}", file=sys.stderr)
+        if not getattr(error, "quiet", False):
+            print(f"fltk {command}: error: {message(error)}", file=sys.stderr)
         return getattr(error, "exit_code", 2)
     return 0
 

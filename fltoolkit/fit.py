@@ -182,7 +182,11 @@ def _follow(loop: FederatedLoop, ranks: Ranks, resume: bool, keep_last: int) -> 
         _load(loop, ranks, checkpoints)
     loop.on_checkpoint = _checkpointer(loop, ranks, checkpoints, keep_last)
     with stop_on_signals(lambda: setattr(loop, "stop_requested", True)):
-        loop.run()
+        try:
+            loop.run()
+        except RunInterrupted as stopped:
+            stopped.quiet = True
+            raise
     _save_final_shards(loop, ranks, checkpoints)
 
 

@@ -71,6 +71,7 @@ class RunInterrupted(Exception):
     """The run stopped on request after `round` (a checkpoint of that round was written)."""
 
     exit_code = 130  # the shell's code for a job stopped by SIGINT
+    quiet = False  # set on ranks other than 0: rank 0 prints the run's one line
 
     def __init__(self, round_index: int) -> None:
         super().__init__(f"interrupted after round {round_index} (checkpoint written); "
