@@ -82,7 +82,7 @@ class ShardedServerTables(ServerTables):
         whole update's."""
         tables = {name: SparseRows(rows.ids, rows.values[:, self.columns[name]])
                   for name, rows in update.tables.items() if name in self.columns}
-        return replace(update, tables=tables, whole_squared_norm=update.squared_norm())
+        return replace(update, tables=tables, whole=update)
 
     def state_dict(self) -> dict[str, Any]:
         return self.tables.state_dict_local()

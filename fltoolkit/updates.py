@@ -66,8 +66,8 @@ class ClientUpdate:
         loss_squared_sum: sum over those samples of their squared loss (Oort's utility).
         finite: whether every delta is finite, when the producer checked a whole round at once
             (None: `is_finite` checks this update's tensors).
-        whole_squared_norm: set when this update holds only the part of the tables one rank's
-            shards cover (fltoolkit.server_tables): the squared norm of the whole update, so
+        whole: set when this update holds only the part of the tables one rank's shards
+            cover (fltoolkit.server_tables): the whole update, whose norm this one reports, so
             norm-based strategies weigh clients the same on every rank.
     """
 
@@ -80,7 +80,7 @@ class ClientUpdate:
     samples_trained: int = 0
     loss_squared_sum: float = 0.0
     finite: bool | None = None
-    whole_squared_norm: float | None = None
+    whole: ClientUpdate | None = None
 
     def upload_bytes(self) -> int:
         dense = self.dense.numel() * self.dense.element_size()
@@ -89,8 +89,8 @@ class ClientUpdate:
     def squared_norm(self) -> float:
         """Squared L2 norm of the whole update: the dense delta and every row sent, together
         (summed in float64)."""
-        if self.whole_squared_norm is not None:
-            return self.whole_squared_norm
+        if self.whole is not None:
+            return self.whole.squared_norm()
         return float(self.dense.double().square().sum()) + sum(
             float(rows.values.double().square().sum()) for rows in self.tables.values())
 
@@ -101,9 +101,8 @@ class ClientUpdate:
         """A copy with every delta times `factor` (finiteness is checked again)."""
         tables = {name: SparseRows(rows.ids, rows.values * factor)
                   for name, rows in self.tables.items()}
-        whole = None if self.whole_squared_norm is None else self.whole_squared_norm * factor ** 2
-        return replace(self, dense=self.dense * factor, tables=tables, finite=None,
-                       whole_squared_norm=whole)
+        whole = None if self.whole is None else self.whole.scaled(factor)
+        return replace(self, dense=self.dense * factor, tables=tables, finite=None, whole=whole)
 
     def is_finite(self) -> bool:
         """No NaN or Inf anywhere (one sum per tensor: NaN and Inf propagate through sums)."""
