@@ -105,7 +105,7 @@ class ShardedTables:
 
     def __init__(self, collection: DistributedModelParallel, configs: list[EmbeddingBagConfig],
                  sharding: str, shards: list[Shard], local: dict[int, Tensor]) -> None:
-        self.embedding_bag_collection = collection
+        self._wrapped = collection  # DMP's module, which allocated the shards (kept with them)
         self.sharding = sharding
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self._configs = {c.name: c for c in configs}
