@@ -13,6 +13,7 @@ sharded `table_wise` and `column_wise`; each rank reports its peak RSS (which in
 
 Usage: python benchmarks/scale.py [--rounds 6] [--clients 200] [--ranks 1 2]
                                   [--shardings none table_wise column_wise] [--table-rows N]
+                                  [--strategy FedAvg|FedAdam]
 Prints a table, then JSON on the last line.
 """
 
@@ -74,10 +75,11 @@ def _big_tables_data(table_rows: int, clients: int = 2000, rows_per_client: int 
                         FeatureSpec(names, [table_rows] * 4, ["d0"]))
 
 
-def _memory_worker(sharding: str, table_rows: int, clients: int) -> None:
+def _memory_worker(sharding: str, table_rows: int, clients: int, strategy: str) -> None:
     """Inside torchrun: 3 rounds on 4 big tables, whole or sharded; report peak memory."""
     import torch
 
+    from fltoolkit import strategies
     from fltoolkit.config import FederatedConfig
     from fltoolkit.distributed import Ranks
     from fltoolkit.fit import build_model
@@ -89,7 +91,8 @@ def _memory_worker(sharding: str, table_rows: int, clients: int) -> None:
     torch.manual_seed(0)
     module = CTRModule(sparse_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
     sharded = build_model(module, data.features, sharding, ranks)
-    config = FederatedConfig(rounds=3, clients_per_round=clients, eval_interval=3)
+    config = FederatedConfig(rounds=3, clients_per_round=clients, eval_interval=3,
+                             strategy=getattr(strategies, strategy)())
     result = FederatedLoop(module, data, config, seed=0, ranks=ranks,
                            sharded_tables=sharded).run()
     _report(auc=result["auc"])
@@ -110,9 +113,9 @@ def _ranks_report(ranks: int, worker_args: list[str]) -> list[dict]:
                 for rank in range(ranks)]
 
 
-def _launch_memory(sharding: str, table_rows: int, clients: int) -> dict:
+def _launch_memory(sharding: str, table_rows: int, clients: int, strategy: str) -> dict:
     reports = _ranks_report(2, ["--memory-worker", sharding, "--table-rows", str(table_rows),
-                                "--clients", str(clients)])
+                                "--clients", str(clients), "--strategy", strategy])
     return {"sharding": sharding, "peak_rss_mb": [row["peak_rss_mb"] for row in reports],
             "auc": reports[0]["auc"]}
 
@@ -137,6 +140,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--shardings", nargs="*", default=["none", "table_wise", "column_wise"])
     parser.add_argument("--table-rows", type=int, default=1_000_000)
+    parser.add_argument("--strategy", choices=["FedAvg", "FedAdam"], default="FedAvg",
+                        help="server strategy of the memory part (FedAdam adds two "
+                             "table-sized moments, sharded alike)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
@@ -144,7 +150,7 @@ def main() -> None:
         _worker(rest)
         return
     if args.memory_worker:
-        _memory_worker(args.memory_worker, args.table_rows, args.clients)
+        _memory_worker(args.memory_worker, args.table_rows, args.clients, args.strategy)
         return
     results, memory = [], []
     with tempfile.TemporaryDirectory() as out:
@@ -157,13 +163,14 @@ def main() -> None:
                   f"RSS per rank {result['peak_rss_mb']} MB, final AUC {result['auc']:.4f}",
                   flush=True)
     for sharding in args.shardings:
-        row = _launch_memory(sharding, args.table_rows, args.clients)
+        row = _launch_memory(sharding, args.table_rows, args.clients, args.strategy)
         memory.append(row)
-        print(f"2 ranks, 4 tables x {args.table_rows} rows, sharding {sharding}: peak RSS per "
-              f"rank {row['peak_rss_mb']} MB, AUC {row['auc']:.4f}", flush=True)
+        print(f"2 ranks, 4 tables x {args.table_rows} rows, {args.strategy}, sharding "
+              f"{sharding}: peak RSS per rank {row['peak_rss_mb']} MB, AUC {row['auc']:.4f}",
+              flush=True)
     print(f"command: python benchmarks/scale.py --rounds {args.rounds} --clients {args.clients} "
           f"--ranks {' '.join(map(str, args.ranks))} --shardings {' '.join(args.shardings)} "
-          f"--table-rows {args.table_rows}")
+          f"--table-rows {args.table_rows} --strategy {args.strategy}")
     print(json.dumps({"benchmark": "scale", "results": results, "memory": memory}))
 
 
