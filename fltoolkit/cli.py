@@ -30,7 +30,8 @@ class UsageError(ValueError):
 
 
 def _configure_logging() -> None:
-    import lightning  # noqa: F401 - its import sets its loggers' levels, which we override
+    """Called after the command's imports: importing Lightning sets its loggers' levels,
+    which this overrides."""
     from rich.logging import RichHandler
 
     handler = RichHandler(show_path=False, rich_tracebacks=False)
@@ -78,14 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     if command not in ("fit", "report"):
         print(f"fltk: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    _configure_logging()
     if command == "fit":
         from fltoolkit.fit_cli import FIT_ERRORS, error_message, fit
 
+        _configure_logging()
         return _run(lambda: fit(rest), (argparse.ArgumentError, *FIT_ERRORS), error_message,
                     command)
     from fltoolkit.reports.record import RunRecordError
 
+    _configure_logging()
     return _run(lambda: report(rest), (argparse.ArgumentError, UsageError, RunRecordError), str,
                 command)
 
