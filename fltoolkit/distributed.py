@@ -87,6 +87,15 @@ class Ranks:
         dist.all_gather_object(values, value)
         return values
 
+    def gather_on_main(self, value: Any) -> list[Any] | None:
+        """Every rank's value, in rank order, on rank 0 only (None on the others): for what
+        only rank 0 writes."""
+        if not self.distributed:
+            return [value]
+        values: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, values, dst=0)
+        return values
+
     def any(self, flag: bool) -> bool:
         """Whether any rank's flag is set (e.g. a stop request seen by one rank only)."""
         if not self.distributed:

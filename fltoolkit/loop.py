@@ -203,10 +203,11 @@ class FederatedLoop:
         so a checkpoint loads with `torch.load(weights_only=True)`).
 
         Collective under several ranks: each holds its own clients' local rows and optimizer
-        state, and every rank receives all of them."""
-        local_tables = _merged_by_client(self.ranks.gather(
+        state, and rank 0, which writes the checkpoints, receives all of them; on the other
+        ranks these two entries are None."""
+        local_tables = _merged_by_client(self.ranks.gather_on_main(
             self.local_tables.state_dict() if self.local_tables else None), depth=2)
-        optimizer_states = _merged_by_client(self.ranks.gather(
+        optimizer_states = _merged_by_client(self.ranks.gather_on_main(
             self.trainer.optimizer_states.state_dict(self._parameters())
             if self.trainer.optimizer_states else None), depth=1)
         return {
@@ -451,9 +452,12 @@ class FederatedLoop:
         return row
 
 
-def _merged_by_client(parts: list[Any], depth: int) -> Any:
+def _merged_by_client(parts: list[Any] | None, depth: int) -> Any:
     """The union of the ranks' parts of a state keyed by client ({client: ...} at depth 1,
-    {table: {client: ...}} at depth 2); each rank holds its own clients, so keys are disjoint."""
+    {table: {client: ...}} at depth 2); each rank holds its own clients, so keys are disjoint.
+    None where the parts were not gathered (ranks other than 0)."""
+    if parts is None:
+        return None
     if parts[0] is None or len(parts) == 1:
         return parts[0]
     if depth == 1:
