@@ -64,10 +64,7 @@ def save_shard(directory: Path, round_index: int, rank: int, state: dict[str, An
     """Write one rank's shards of `round_index`; keeps one more than the round files, since
     this round's file is written after them (a crash in between falls back a round)."""
     path = save_atomically(shard_path(directory, round_index, rank), state)
-    pattern = re.compile(rf"round_(\d{{6,}})\.rank{rank}\.pt")
-    found = sorted((int(m.group(1)), p) for p in directory.glob(f"round_*.rank{rank}.pt")
-                   if (m := pattern.fullmatch(p.name)))
-    for _, old in found[:-(keep_last + 1)]:
+    for old in list_checkpoints(directory, rank)[:-(keep_last + 1)]:
         old.unlink()
     return path
 
@@ -83,10 +80,11 @@ def load_shard(directory: Path, round_index: int, rank: int) -> dict[str, Any]:
                               f"not load ({type(error).__name__}); cannot resume") from error
 
 
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint files, oldest round first."""
-    found = [p for p in directory.glob("round_*.pt") if PATTERN.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(PATTERN.fullmatch(p.name).group(1)))
+def list_checkpoints(directory: Path, rank: int | None = None) -> list[Path]:
+    """Checkpoint files (or rank `rank`'s shard files), oldest round first."""
+    pattern = PATTERN if rank is None else re.compile(rf"round_(\d{{6,}})\.rank{rank}\.pt")
+    found = [p for p in directory.glob("round_*.pt") if pattern.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(pattern.fullmatch(p.name).group(1)))
 
 
 def load_latest(directory: Path) -> tuple[Path, dict[str, Any]]:
