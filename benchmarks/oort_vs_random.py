@@ -30,7 +30,7 @@ SELECTORS = {"random": "fltoolkit.selection.UniformSelector", "oort": "fltoolkit
 
 
 def _command(run_dir: Path, selector: str, args: argparse.Namespace) -> list[str]:
-    return [sys.executable, "-m", "fltoolkit.cli", "fit",
+    return [sys.executable, "-m", "fltoolkit.run.cli", "fit",
             "--experiment", str(EXPERIMENT),
             "--run_dir", str(run_dir), "--federated.rounds", str(args.rounds),
             "--federated.eval_interval", str(args.eval_interval),

@@ -35,8 +35,8 @@ def _default_experiment() -> dict:
 def _setup(rows: int, table_rows: int, clients_per_round: int):
     """The default experiment's model and local schedule, with every table >= table_rows."""
     from datamodules.taobao import TaobaoDataModule
-    from fltoolkit.config import FederatedConfig
     from fltoolkit.loop import FederatedLoop
+    from fltoolkit.run.config import FederatedConfig
     from recsys.module import CTRModule
 
     experiment = _default_experiment()
@@ -57,10 +57,8 @@ def _setup(rows: int, table_rows: int, clients_per_round: int):
 
 
 def _time_round(loop, round_index: int) -> float:
-    from fltoolkit.loop import RoundStats
-
     started = time.perf_counter()
-    loop.run_round(round_index, RoundStats())
+    loop.run_round(round_index)
     return time.perf_counter() - started
 
 
@@ -69,11 +67,13 @@ def _round_batches(loop, round_index: int) -> list[torch.Tensor]:
     state = loop.selector.rng.bit_generator.state
     clients = loop.selector.select(round_index, loop.config.clients_per_round)
     loop.selector.rng.bit_generator.state = state  # the FL round will select the same clients
+    from fltoolkit.training.cohort import client_seed
+
     batches = []
+    schedule = loop.planner.schedule
     for client in clients.tolist():
         rows = loop.data.train.client_rows(client)
-        generator = torch.Generator().manual_seed(loop._client_seed(round_index, client))
-        schedule = loop.trainer.schedule
+        generator = torch.Generator().manual_seed(client_seed(loop.seed, round_index, client))
         batches += [rows.start + b for b in schedule.batches(rows.stop - rows.start, generator)]
     return batches
 

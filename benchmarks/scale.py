@@ -45,7 +45,7 @@ def _report(**fields: object) -> None:
 
 def _worker(fit_args: list[str]) -> None:
     """Inside torchrun: run the fit, then report this rank's peak memory."""
-    from fltoolkit.cli import main
+    from fltoolkit.run.cli import main
 
     code = main(["fit", *fit_args])
     _report()
@@ -80,10 +80,10 @@ def _memory_worker(sharding: str, table_rows: int, clients: int, strategy: str) 
     import torch
 
     from fltoolkit import strategies
-    from fltoolkit.config import FederatedConfig
-    from fltoolkit.distributed import Ranks
-    from fltoolkit.fit import build_model
     from fltoolkit.loop import FederatedLoop
+    from fltoolkit.run.config import FederatedConfig
+    from fltoolkit.run.fit import build_model
+    from fltoolkit.run.ranks import Ranks
     from recsys.module import CTRModule
 
     ranks = Ranks.from_environment()

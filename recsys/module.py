@@ -21,6 +21,7 @@ from datamodules.clients import Batch
 from recsys.dlrm import SingleIdFeatures, build_dlrm
 from recsys.metrics import ctr_metrics
 from recsys.optim import DenseSparseOptimizer
+from recsys.parts import dense_parameters, embedding_tables
 
 
 class CTRModule(L.LightningModule):
@@ -159,7 +160,6 @@ class CTRModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.model is None:
             raise RuntimeError("CTRModule has no network yet: call configure_features(spec)")
-        tables = [p for n, p in self.model.named_parameters() if "embedding_bags" in n]
-        table_ids = {id(p) for p in tables}
-        mlps = [p for p in self.model.parameters() if id(p) not in table_ids]
-        return DenseSparseOptimizer(self.dense_optimizer(mlps), self.sparse_optimizer(tables))
+        tables = [weight for weight, _ in embedding_tables(self.model).values()]
+        return DenseSparseOptimizer(self.dense_optimizer(dense_parameters(self.model)),
+                                    self.sparse_optimizer(tables))

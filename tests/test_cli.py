@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fltoolkit.cli import main
+from fltoolkit.run.cli import main
 
 EXPERIMENT = str(Path(__file__).resolve().parents[1] / "experiments" / "taobao.yaml")
 
@@ -97,13 +97,13 @@ def test_federated_fit_selects_the_strategy_by_class_path(tmp_path):
                 "--federated.rounds", "4", "--federated.clients_per_round", "20",
                 "--federated.eval_interval", "2", "--federated.local_tables", "[user]",
                 "--federated.strategy.class_path", "fltoolkit.strategies.FedYogi",
-                "--federated.strategy.init_args.eta", "0.02") == 0
+                "--federated.strategy.init_args.server_lr", "0.02") == 0
     rows = _csv_rows(run / "metrics.csv")
     assert [r["round"] for r in rows] == ["2", "4"]
     assert int(rows[-1]["clients_seen"]) > 20 and int(rows[-1]["bytes_up_per_round"]) > 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["mode"] == "federated" and summary["strategy"] == "FedYogi"
-    assert summary["strategy_hyperparameters"]["eta"] == 0.02
+    assert summary["strategy_hyperparameters"]["server_lr"] == 0.02
     assert summary["local_tables"] == ["user"]
     assert summary["bytes_up_per_round"] > 0 and summary["bytes_down_per_round"] > 0
 
@@ -136,3 +136,26 @@ def test_fedscale_pickles_need_the_explicit_flag(tmp_path, capsys):
     assert _fit(tmp_path, "--systems.enabled", "true",
                 "--systems.fedscale_capacity", str(tmp_path / "capacity")) == 2
     assert "--systems.allow_pickle true" in capsys.readouterr().err
+
+
+def test_override_args_flatten_sections_into_options():
+    from fltoolkit.run.fit import override_args
+
+    assert override_args({"federated": {"rounds": 3, "local_tables": ["user"],
+                                        "strategy": {"init_args": {"server_lr": 0.5}}},
+                          "seed": 1, "run_dir": "x"}) == [
+        "--federated.rounds", "3", "--federated.local_tables", '["user"]',
+        "--federated.strategy.init_args.server_lr", "0.5", "--seed", "1", "--run_dir", "x"]
+
+
+@pytest.mark.slow
+def test_python_entry_point_returns_the_run_directory_summary_and_metrics(tmp_path):
+    import fltoolkit
+
+    result = fltoolkit.fit(EXPERIMENT, "--data.init_args.cache_dir", str(tmp_path / "cache"),
+                           data={"num_rows": 10000}, run_dir=str(tmp_path / "run"),
+                           federated={"rounds": 4, "eval_interval": 2})
+    assert result.run_dir == tmp_path / "run"
+    assert result.metrics["round"].to_list() == [2, 4]
+    assert result.summary["rounds"] == 4
+    assert result.summary["auc"] == pytest.approx(result.metrics["auc"][-1], abs=1e-9)

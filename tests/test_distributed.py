@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fltoolkit.checkpoint import load_latest
-from fltoolkit.cli import main
-from fltoolkit.distributed import _pack, _unpack
-from fltoolkit.updates import ClientUpdate, SparseRows
+from fltoolkit.run.checkpointing import load_latest
+from fltoolkit.run.cli import main
+from fltoolkit.run.ranks import _pack, _unpack
+from fltoolkit.training.updates import ClientUpdate, SparseRows
 
 EXPERIMENT = str(Path(__file__).resolve().parents[1] / "experiments" / "taobao.yaml")
 TOLERANCE = 1e-5
@@ -43,7 +43,7 @@ def _metrics(run: Path) -> list[dict[str, str]]:
 
 def _launch(args: list[str], ranks: int) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", str(ranks), "-m", "fltoolkit.cli", *args]
+               "--nproc_per_node", str(ranks), "-m", "fltoolkit.run.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
@@ -110,7 +110,7 @@ def test_sharded_tables_give_the_metrics_of_whole_ones(tmp_path):
 def _stop_after_a_checkpoint(args: list[str], run: Path) -> None:
     """Start a 2-rank run, SIGINT it once round 2's checkpoint exists; it must stop early."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", "-m", "fltoolkit.cli", *args]
+               "--nproc_per_node", "2", "-m", "fltoolkit.run.cli", *args]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 240

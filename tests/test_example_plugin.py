@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fltoolkit.cli import main
-from fltoolkit.model_parts import split_parameters
+from fltoolkit.run.cli import main
+from recsys.parts import split_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

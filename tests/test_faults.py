@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fltoolkit.faults import Faults, norm_outliers
-from fltoolkit.loop import RoundStats
+from fltoolkit.gate.faults import Faults, norm_outliers
 from fltoolkit.strategies import CoordinateMedian, TrimmedMean
-from fltoolkit.updates import ClientUpdate, SparseRows
+from fltoolkit.training.updates import ClientUpdate, SparseRows
 from tests.test_federated import _loop
 
 SETTINGS = {"rounds": 6, "clients_per_round": 40, "eval_interval": 3, "local_epochs": 3}
@@ -82,8 +81,7 @@ def test_a_round_whose_aggregate_is_not_finite_is_discarded(synthetic_data, capl
             server.tables[name][rows.ids] = float("inf")
 
     loop.strategy.aggregate = explode
-    stats = RoundStats()
-    loop.run_round(1, stats)
+    stats = loop.run_round(1)
     assert stats.skipped == 1 and "was discarded" in caplog.text
     for key, value in loop.module.state_dict().items():
         assert torch.equal(value, before[key]), key

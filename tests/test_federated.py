@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from fltoolkit.client import CohortTrainer, LocalSchedule
-from fltoolkit.config import FederatedConfig
-from fltoolkit.loop import FederatedLoop, RoundStats
-from fltoolkit.model_parts import split_parameters
-from fltoolkit.server_tables import ServerTables
-from fltoolkit.strategies import FedProx, FedYogi
+from fltoolkit.loop import FederatedLoop
+from fltoolkit.run.config import FederatedConfig
+from fltoolkit.server.tables import ServerTables
+from fltoolkit.strategies import FedAvg, FedYogi
 from fltoolkit.systems.clock import client_seconds
-from fltoolkit.updates import ClientUpdate, SparseRows
+from fltoolkit.training.cohort import CohortPlanner, LocalSchedule, client_seed
+from fltoolkit.training.trainer import CohortTrainer
+from fltoolkit.training.updates import ClientUpdate, SparseRows
 from recsys.module import CTRModule
+from recsys.parts import split_parameters
 
 
 def _module(data, seed: int = 0) -> CTRModule:
@@ -31,16 +32,31 @@ def _state(module: CTRModule) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _trainer(data, module, **kwargs) -> CohortTrainer:
-    parts = split_parameters(module, data.features.sparse)
-    schedule = LocalSchedule(batch_size=4, local_steps=3)
-    local = kwargs["local_tables"].initial if kwargs.get("local_tables") else {}
-    served = ServerTables({name: part.weight.detach() for name, part in parts.tables.items()
-                           if name not in local})
-    return CohortTrainer(module, parts, data.train, schedule, served, **kwargs)
+class _Clients:
+    """A planner and a trainer over one module, training cohorts the way the loop does."""
+
+    def __init__(self, data, module, **kwargs) -> None:
+        parts = split_parameters(module, data.features.sparse)
+        local = kwargs["local_tables"].initial if kwargs.get("local_tables") else {}
+        served = ServerTables({name: part.weight.detach() for name, part in parts.tables.items()
+                               if name not in local})
+        self.planner = CohortPlanner(data.train, parts.tables,
+                                     LocalSchedule(batch_size=4, local_steps=3),
+                                     [name for name in parts.tables if name not in local],
+                                     sum(p.numel() * 4 for p in parts.dense), seed=0)
+        self.trainer = CohortTrainer(module, parts, served, **kwargs)
+
+    def train_round(self, clients: list[int], seeds: list[int]) -> list[ClientUpdate]:
+        updates = self.trainer.train_round(self.planner.plan(clients, seeds))
+        self.trainer.keep(clients)
+        return updates
 
 
-def _train_one(trainer: CohortTrainer, client: int, seed: int) -> ClientUpdate:
+def _trainer(data, module, **kwargs) -> _Clients:
+    return _Clients(data, module, **kwargs)
+
+
+def _train_one(trainer: _Clients, client: int, seed: int) -> ClientUpdate:
     return trainer.train_round([client], [seed])[0]
 
 
@@ -89,7 +105,7 @@ def test_a_cohort_trains_each_client_as_if_it_were_alone(synthetic_data, statefu
 
 
 def test_kept_optimizer_state_carries_a_clients_adam_moments_to_its_next_round(synthetic_data):
-    from fltoolkit.optimizer_state import ClientOptimizerStates
+    from fltoolkit.training.optimizer_state import ClientOptimizerStates
 
     module = _module(synthetic_data)
     module.dense_optimizer = lambda p: torch.optim.Adam(p, lr=1e-3)
@@ -158,7 +174,7 @@ def test_local_tables_never_leave_the_client(synthetic_data):
 
 
 def test_local_rows_score_their_clients_test_rows(synthetic_data):
-    from fltoolkit.evaluation import evaluate
+    from fltoolkit.server.evaluation import evaluate
 
     loop = _loop(synthetic_data, local_tables=["user"])
     loop.run()
@@ -180,9 +196,10 @@ def test_federated_run_learns_and_is_deterministic(synthetic_data):
     assert second == row
 
 
-@pytest.mark.parametrize("strategy", [FedYogi(eta=0.01), FedProx(mu=0.01)])
-def test_other_strategies_run_through_the_loop(synthetic_data, strategy):
-    loop = _loop(synthetic_data, strategy=strategy)
+@pytest.mark.parametrize("strategy, proximal_mu", [(FedYogi(server_lr=0.01), 0.0),
+                                                   (FedAvg(), 0.01)])
+def test_other_strategies_run_through_the_loop(synthetic_data, strategy, proximal_mu):
+    loop = _loop(synthetic_data, strategy=strategy, proximal_mu=proximal_mu)
     assert 0.0 < loop.run()["auc"] < 1.0
 
 
@@ -191,20 +208,19 @@ def test_non_finite_updates_are_rejected(synthetic_data):
     train_round = loop.trainer.train_round
     poisoned_clients = []
 
-    def poisoned(clients: list[int], seeds: list[int]) -> list[ClientUpdate]:
-        poisoned_clients.extend(c for c in clients if c % 2)
+    def poisoned(cohort) -> list[ClientUpdate]:
+        poisoned_clients.extend(c for c in cohort.clients if c % 2)
         return [ClientUpdate(u.client, u.num_samples, float("nan"), u.dense, u.tables)
-                if u.client % 2 else u for u in train_round(clients, seeds)]
+                if u.client % 2 else u for u in train_round(cohort)]
 
     loop.trainer.train_round = poisoned
-    stats = RoundStats()
-    loop.run_round(1, stats)
+    stats = loop.run_round(1)
     assert stats.rejected == len(poisoned_clients) > 0
     assert torch.isfinite(torch.cat([p.detach().flatten() for p in loop.module.parameters()])).all()
 
 
 def test_clients_per_round_larger_than_population_is_a_config_error(synthetic_data):
-    from fltoolkit.config import ConfigError
+    from fltoolkit.run.config import ConfigError
 
     with pytest.raises(ConfigError, match="exceeds the"):
         _loop(synthetic_data, clients_per_round=10**6)
@@ -217,12 +233,25 @@ def test_sparse_rows_bytes():
 
 def test_payloads_known_before_training_match_the_updates(synthetic_data):
     loop = _loop(synthetic_data, local_tables=["user"])
-    clients, seeds = [3, 8, 1], [5, 6, 7]
-    moved, samples = loop.trainer.payloads(loop.trainer.plan(clients, seeds))
-    updates = loop.trainer.train_round(clients, seeds)
+    cohort = loop.planner.plan([3, 8, 1], [5, 6, 7])
+    moved, samples = cohort.bytes_moved, np.array(cohort.samples_trained)
+    updates = loop.trainer.train_round(cohort)
     assert moved.tolist() == [u.upload_bytes() for u in updates]
     assert moved.tolist() == [u.download_bytes for u in updates]
     assert samples.tolist() == [u.num_samples for u in updates]  # one local epoch
+
+
+def test_a_cohorts_subset_is_the_plan_of_those_clients_alone(synthetic_data):
+    planner = _loop(synthetic_data, local_tables=["user"]).planner
+    whole = planner.plan([3, 8, 1, 5], [5, 6, 7, 8])
+    alone = planner.plan([8, 5], [6, 8])
+    part = whole.subset([1, 3])
+    assert part.clients == alone.clients and part.steps == alone.steps
+    assert part.bytes_moved.tolist() == alone.bytes_moved.tolist()
+    for name, ids in alone.row_ids.items():
+        assert torch.equal(part.row_ids[name], ids) and part.segments[name] == alone.segments[name]
+    for field in ("dense", "sparse", "label"):
+        assert torch.equal(getattr(part, field), getattr(alone, field)), field
 
 
 def test_systems_over_commit_trains_only_the_fastest_and_advances_the_clock(synthetic_data):
@@ -232,31 +261,34 @@ def test_systems_over_commit_trains_only_the_fastest_and_advances_the_clock(synt
     loop = _loop(synthetic_data, rounds=1, local_epochs=1, systems=systems)
     trained = []
     train_round = loop.trainer.train_round
-    loop.trainer.train_round = lambda c, s: (trained.extend(c), train_round(c, s))[1]
+    loop.trainer.train_round = lambda cohort: (trained.extend(cohort.clients),
+                                               train_round(cohort))[1]
     observed = {}
     loop.selector.feedback = lambda round_index, updates, durations: observed.update(durations)
-    stats = RoundStats()
-    loop.run_round(1, stats)
+    stats = loop.run_round(1)
     assert len(trained) == 20 and stats.stragglers == 20 and stats.dropped == 0
     # the kept clients are the 20 fastest of the 40 selected, by the clock's own arithmetic
     again = _loop(synthetic_data, rounds=1, local_epochs=1, systems=systems)
     selected = again.selector.select(1, 40)
-    seeds = [again._client_seed(1, c) for c in selected.tolist()]
-    moved, samples = again.trainer.payloads(again.trainer.plan(selected.tolist(), seeds))
-    seconds = client_seconds(again.population, selected, moved, samples, moved)
+    seeds = [client_seed(0, 1, c) for c in selected.tolist()]
+    cohort = again.planner.plan(selected.tolist(), seeds)
+    moved, samples = cohort.bytes_moved, np.array(cohort.samples_trained)
+    seconds = client_seconds(again.admission.population, selected, moved, samples, moved)
     assert sorted(trained) == sorted(selected[np.argsort(seconds)[:20]].tolist())
-    assert loop.sim_time_s == pytest.approx(np.sort(seconds)[19])
+    assert loop.admission.sim_time_s == pytest.approx(np.sort(seconds)[19])
     # the selector learns every finisher's time, stragglers' too (Oort penalizes slow ones)
     assert observed == pytest.approx(dict(zip(selected.tolist(), seconds.tolist(), strict=True)))
 
 
 def test_round_finiteness_check_flags_exactly_the_clients_with_a_bad_delta():
-    from fltoolkit.client import Cohort, _finite_per_client
+    from fltoolkit.training.cohort import Cohort
+    from fltoolkit.training.trainer import _finite_per_client
 
     cohort = Cohort(clients=[4, 9, 2], num_samples=[1, 1, 1], samples_trained=[1, 1, 1],
-                    dense=torch.zeros(0, 1),
+                    bytes_moved=np.zeros(3, dtype=np.int64), dense=torch.zeros(0, 1),
                     sparse=torch.zeros(0, 1), label=torch.zeros(0), steps=[[], [], []],
-                    row_ids={"t": torch.arange(5)}, segments={"t": [0, 2, 3, 5]})
+                    row_ids={"t": torch.arange(5)}, segments={"t": [0, 2, 3, 5]},
+                    columns={"t": [0]})
     dense = torch.zeros(3, 4)
     table = torch.zeros(5, 2)
     table[2, 1] = float("nan")  # the row of the second client (segment 2:3)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fltoolkit.cli import main
 from fltoolkit.reports.screenshot import find_chromium, screenshot
+from fltoolkit.run.cli import main
 
 EXPERIMENT = str(Path(__file__).resolve().parents[1] / "experiments" / "taobao.yaml")
 PLOTS = {"quality_vs_round.png", "quality_vs_time.png", "client_auc.png", "participation.png",

@@ -16,9 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from fltoolkit.checkpoint import list_checkpoints, load_latest, save_checkpoint
-from fltoolkit.cli import main
-from fltoolkit.distributed import Ranks
+from fltoolkit.loop import LoopHooks
+from fltoolkit.run.checkpointing import (
+    list_checkpoints,
+    load_latest,
+    load_loop_state,
+    loop_state,
+    save_checkpoint,
+)
+from fltoolkit.run.cli import main
+from fltoolkit.run.ranks import Ranks
 
 EXPERIMENT = str(Path(__file__).resolve().parents[1] / "experiments" / "taobao.yaml")
 WALL_CLOCK = ("wall_time_s", "round_wall_s")  # the only fields allowed to differ
@@ -35,7 +42,7 @@ def _args(tmp_path: Path, rounds: int = 6) -> list[str]:
 
 
 def _start(tmp_path: Path, run: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fltoolkit.cli", "fit", *_args(tmp_path),
+    return subprocess.Popen([sys.executable, "-m", "fltoolkit.run.cli", "fit", *_args(tmp_path),
                              "--run_dir", str(run)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -119,7 +126,7 @@ def test_loop_state_round_trips_through_a_checkpoint_file(synthetic_data, tmp_pa
 
     def build():
         loop = _loop(synthetic_data, rounds=4, eval_interval=2, local_tables=["user"],
-                     keep_optimizer_state=True, strategy=FedYogi(eta=0.01), selector=Oort())
+                     keep_optimizer_state=True, strategy=FedYogi(server_lr=0.01), selector=Oort())
         loop.module.dense_optimizer = lambda p: torch.optim.Adam(p, lr=1e-3)
         loop.module.sparse_optimizer = lambda p: torch.optim.Adagrad(p, lr=0.1)
         return loop
@@ -127,18 +134,19 @@ def test_loop_state_round_trips_through_a_checkpoint_file(synthetic_data, tmp_pa
     whole = build()
     expected = whole.run()
     first = build()
-    first.on_checkpoint = lambda r: save_checkpoint(tmp_path, r, first.state_dict(), 5)
+    first.hooks = LoopHooks(
+        on_checkpoint=lambda loop, r: save_checkpoint(tmp_path, r, loop_state(loop), 5))
     first.config.rounds = 2
     first.run()
     first.config.rounds = 4
     second = build()
-    second.load_state_dict(load_latest(tmp_path)[1])
+    load_loop_state(second, load_latest(tmp_path)[1])
     assert second.trainer.optimizer_states.states  # the clients' Adam moments came back
     # rank 1 of 2 keeps only its own (odd) clients' state: stale copies of rank 0's clients
     # would otherwise overwrite rank 0's newer ones when the next checkpoint merges them
     odd = build()
     odd.ranks = Ranks(rank=1, world_size=2)
-    odd.load_state_dict(load_latest(tmp_path)[1])
+    load_loop_state(odd, load_latest(tmp_path)[1])
     kept = [*odd.local_tables.rows["user"], *odd.trainer.optimizer_states.states]
     assert kept and all(client % 2 == 1 for client in kept)
     resumed = second.run()

@@ -11,11 +11,11 @@ from fltoolkit.strategies import (
     AggregationError,
     CoordinateMedian,
     FedAvg,
-    NormClippedFedAvg,
+    NormClipping,
     ServerModel,
     TrimmedMean,
 )
-from fltoolkit.updates import ClientUpdate, SparseRows
+from fltoolkit.training.updates import ClientUpdate, SparseRows
 
 
 def _update(client: int, dense: list[float], rows: dict[int, list[float]] | None = None,
@@ -96,7 +96,7 @@ def test_norm_clipping_scales_only_updates_above_the_bound():
     large = _update(0, [6.0, 0.0], {1: [0.0, 8.0]}, num_samples=1)  # norm 10 over dense and rows
     small = _update(1, [0.3, 0.4], num_samples=3)  # norm 0.5
     server = _server(2, 2, 2)
-    NormClippedFedAvg(max_norm=1.0).aggregate([large, small], server)
+    NormClipping(FedAvg(), max_norm=1.0).aggregate([large, small], server)
     # large becomes [0.6, 0] and row [0, 0.8]; dense (1 * [0.6, 0] + 3 * [0.3, 0.4]) / 4
     assert server.dense.tolist() == pytest.approx([0.375, 0.3])
     assert server.tables["t"].flatten().tolist() == pytest.approx([0.0, 0.0, 0.0, 0.8])
@@ -106,15 +106,17 @@ def test_norm_clipping_scales_only_updates_above_the_bound():
 @pytest.mark.parametrize("max_norm", [0.0, -1.0])
 def test_norm_clipping_rejects_a_non_positive_bound(max_norm):
     with pytest.raises(ValueError, match="max_norm"):
-        NormClippedFedAvg(max_norm=max_norm)
+        NormClipping(FedAvg(), max_norm=max_norm)
 
 
 def test_hyperparameters_and_summary():
     assert TrimmedMean(beta=0.2).hyperparameters() == {"beta": 0.2, "server_lr": 1.0}
     assert CoordinateMedian().summary() == "CoordinateMedian\n  server_lr: 1.0"
-    clipped = NormClippedFedAvg(max_norm=2.0, weighted=False)
-    assert clipped.hyperparameters() == {"max_norm": 2.0, "server_lr": 1.0,
-                                         "sparse_weighting": "touched", "weighted": False}
+    clipped = NormClipping(FedAvg(weighted=False), max_norm=2.0)
+    assert clipped.hyperparameters() == {"max_norm": 2.0, "strategy": "FedAvg",
+                                         "strategy.server_lr": 1.0,
+                                         "strategy.sparse_weighting": "touched",
+                                         "strategy.weighted": False}
     assert "max_norm: 2.0" in clipped.summary()
 
 
@@ -156,7 +158,7 @@ def test_two_attackers_out_of_twelve():
     # at most 2/12 * (max_norm + |honest mean|), whatever the attackers send
     honest_mean = torch.stack([_flat(u) for u in cohort]).mean(0)
     max_norm = 1.1 * max(float(_flat(u).norm()) for u in cohort)  # honest updates pass as is
-    shift = aggregated(NormClippedFedAvg(max_norm=max_norm)) - honest_mean
+    shift = aggregated(NormClipping(FedAvg(), max_norm=max_norm)) - honest_mean
     assert float(shift.norm()) <= 2 / 12 * (max_norm + float(honest_mean.norm())) + 1e-4
 
 

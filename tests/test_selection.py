@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fltoolkit.selection import Oort, UniformSelector
-from fltoolkit.updates import ClientUpdate
+from fltoolkit.training.updates import ClientUpdate
 
 
 def _update(client: int, num_samples: int, samples_trained: int, squares: float) -> ClientUpdate:

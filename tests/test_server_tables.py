@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fltoolkit.server_tables import ShardedServerTables
+from fltoolkit.server.tables import ShardedServerTables
 from fltoolkit.strategies import QFedAvg
 from fltoolkit.strategies.base import ServerModel
-from fltoolkit.strategies.robust import clipped
-from fltoolkit.updates import ClientUpdate, SparseRows
+from fltoolkit.strategies.clipping import clipped
+from fltoolkit.training.updates import ClientUpdate, SparseRows
 
 
 class _ColumnsOneToThree:

@@ -14,12 +14,11 @@ from fltoolkit.strategies import (
     FedAdam,
     FedAvg,
     FedAvgM,
-    FedProx,
     FedYogi,
     QFedAvg,
     ServerModel,
 )
-from fltoolkit.updates import ClientUpdate, SparseRows
+from fltoolkit.training.updates import ClientUpdate, SparseRows
 
 
 def _updates() -> list[ClientUpdate]:
@@ -65,11 +64,11 @@ def _adaptive(v: float, eta: float, beta_1: float, tau: float, delta: float) -> 
 
 
 @pytest.mark.parametrize(("strategy", "second_moment"), [
-    (FedAdam(eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3),
+    (FedAdam(server_lr=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3),
      lambda d: 0.99 * 1e-6 + 0.01 * d * d),
-    (FedYogi(eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3),
+    (FedYogi(server_lr=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3),
      lambda d: 1e-6 - 0.01 * d * d * math.copysign(1.0, 1e-6 - d * d)),
-    (FedAdagrad(eta=0.1, beta_1=0.9, tau=1e-3), lambda d: 1e-6 + d * d),
+    (FedAdagrad(server_lr=0.1, beta_1=0.9, tau=1e-3), lambda d: 1e-6 + d * d),
 ])
 def test_adaptive_server_optimizers_first_round(strategy, second_moment):
     server = _server()
@@ -86,7 +85,7 @@ def test_adaptive_server_optimizers_first_round(strategy, second_moment):
 
 
 def test_fedyogi_second_moment_differs_from_adam_once_v_exceeds_the_square():
-    adam, yogi = FedAdam(eta=0.1), FedYogi(eta=0.1)
+    adam, yogi = FedAdam(server_lr=0.1), FedYogi(server_lr=0.1)
     small = [ClientUpdate(0, 1, 1.0, torch.tensor([1.0, 1.0]))]
     tiny = [ClientUpdate(0, 1, 1.0, torch.tensor([0.01, 0.01]))]
     for strategy in (adam, yogi):
@@ -103,7 +102,7 @@ def test_fedyogi_second_moment_differs_from_adam_once_v_exceeds_the_square():
 
 def test_fedavgm_accumulates_server_momentum():
     server = _server()
-    strategy = FedAvgM(eta=1.0, momentum=0.5)
+    strategy = FedAvgM(server_lr=1.0, momentum=0.5)
     strategy.aggregate(_updates(), server)
     assert server.dense.tolist() == [2.5, -1.0]  # m = delta
     strategy.aggregate(_updates(), server)
@@ -127,13 +126,34 @@ def test_qfedavg_with_q_zero_is_the_plain_mean():
     assert server.dense.tolist() == pytest.approx([2.0, 0.0])
 
 
-def test_fedprox_aggregates_like_fedavg_and_carries_mu():
+def test_fedprox_is_fedavg_on_the_server_and_a_client_setting():
+    from fltoolkit.run.config import FederatedConfig
+
     server = _server()
-    strategy = FedProx(mu=0.1)
-    strategy.aggregate(_updates(), server)
-    assert strategy.proximal_mu == 0.1
+    FedAvg().aggregate(_updates(), server)
+    assert FederatedConfig(proximal_mu=0.1).proximal_mu == 0.1
     assert server.dense.tolist() == [2.5, -1.0]
-    assert "mu: 0.1" in strategy.summary()
+    with pytest.raises(ValueError, match="federated.proximal_mu must be >= 0"):
+        FederatedConfig(proximal_mu=-0.1)
+
+
+def test_norm_clipping_wraps_a_server_optimizer():
+    """Clipping is not tied to FedAvg: around FedAdam the clipped mean delta feeds Adam.
+    Client 0 (norm sqrt(1 + 4 + .16 + 1) = 2.48) passes a bound of 3; client 1 (norm
+    sqrt(9 + 4 + 1) = 3.74) is scaled by 3 / sqrt(14)."""
+    from fltoolkit.strategies import NormClipping
+
+    clipped = NormClipping(FedAdam(server_lr=0.1), max_norm=3.0)
+    plain = FedAdam(server_lr=0.1)
+    by_hand = [u.scaled(3 / math.sqrt(14)) if u.client == 1 else u for u in _updates()]
+    server, expected = _server(), _server()
+    clipped.aggregate(_updates(), server)
+    plain.aggregate(by_hand, expected)
+    assert server.dense.tolist() == pytest.approx(expected.dense.tolist())
+    assert clipped.state_dict()["moments"]["dense"]["m"].tolist() == pytest.approx(
+        plain.moments["dense"]["m"].tolist())
+    assert clipped.name == "NormClipping(FedAdam)"
+    assert clipped.hyperparameters()["strategy.server_lr"] == 0.1
 
 
 def test_mismatched_shapes_raise_a_named_error():

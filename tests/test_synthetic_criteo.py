@@ -9,7 +9,7 @@ import pytest
 
 from datamodules.criteo import CriteoDataModule
 from datamodules.synthetic_criteo import CLICK_RATE, GENERATOR_VERSION, generate_criteo
-from fltoolkit.cli import main
+from fltoolkit.run.cli import main
 
 ROWS = 5000
 

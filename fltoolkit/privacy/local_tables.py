@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fltoolkit.updates import SparseRows, find_sorted
+from fltoolkit.training.updates import SparseRows, find_sorted
 
 
 class LocalTableStore:

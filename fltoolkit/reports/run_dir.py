@@ -17,10 +17,23 @@ from typing import Any
 import polars as pl
 import torch
 
-from fltoolkit.checkpoint import save_atomically
 from fltoolkit.reports.tensorboard import TensorBoardLog
 
 METRIC_COLUMNS = ("round", "wall_time_s", "auc", "logloss", "ne", "gauc", "calibration")
+
+
+def save_atomically(path: Path, state: dict[str, Any]) -> Path:
+    """torch.save to a temp file, flushed to disk, then renamed over `path`: a crash
+    mid-write leaves the previous file intact (checkpoints, final.pt)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
 
 
 class RunDirectoryError(ValueError):

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from fltoolkit.updates import ClientUpdate
+from fltoolkit.training.updates import ClientUpdate
 
 
 class ClientSelector(ABC):

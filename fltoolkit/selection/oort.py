@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fltoolkit.selection.base import ClientSelector
-from fltoolkit.updates import ClientUpdate
+from fltoolkit.training.updates import ClientUpdate
 
 
 class Oort(ClientSelector):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fltoolkit.updates import ClientUpdate, SparseRows
+from fltoolkit.training.updates import ClientUpdate, SparseRows
 
 
 class AggregationError(ValueError):
@@ -102,8 +102,6 @@ class Strategy(ABC):
     """Server side of a federated algorithm. Subclasses set `name` and implement `aggregate`."""
 
     name = "strategy"
-    #: FedProx's proximal coefficient mu; 0 means clients train on their plain loss.
-    proximal_mu: float = 0.0
 
     @abstractmethod
     def aggregate(self, updates: list[ClientUpdate], server: ServerModel) -> None:
@@ -133,3 +131,34 @@ def apply_rows(table: Tensor, rows: SparseRows | RowAverage, scale: float = 1.0)
     ids = rows.ids
     values = rows.values if isinstance(rows, SparseRows) else rows.mean
     table.index_add_(0, ids, values, alpha=scale)
+
+
+class StrategyWrapper(Strategy):
+    """A cross-cutting concern (clipping, privacy, ...) around any strategy: it changes what
+    reaches the inner strategy's `aggregate` and otherwise speaks for it (name, state,
+    hyper-parameters), so concerns compose instead of multiplying subclasses.
+
+    Args:
+        strategy: the wrapped strategy.
+    """
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{type(self).__name__}({self.strategy.name})"
+
+    def own_hyperparameters(self) -> dict[str, Any]:
+        """This wrapper's knobs (the inner strategy's are listed under `strategy`)."""
+        return {}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {**self.own_hyperparameters(), "strategy": self.strategy.name,
+                **{f"strategy.{k}": v for k, v in self.strategy.hyperparameters().items()}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(state)

@@ -17,7 +17,7 @@ from fltoolkit.strategies.base import (
     weighted_dense_mean,
     weighted_row_mean,
 )
-from fltoolkit.updates import ClientUpdate
+from fltoolkit.training.updates import ClientUpdate
 
 
 class FedAvg(Strategy):

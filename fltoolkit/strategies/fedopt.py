@@ -1,14 +1,14 @@
-"""Server optimizers on the pseudo-gradient -(mean delta): Reddi et al., ICLR 2021, "Adaptive
-Federated Optimization" (FedAdagrad, FedAdam, FedYogi), and server momentum (FedAvgM, Hsu et
-al. 2019, "Measuring the Effects of Non-Identical Data Distribution for Federated Visual
-Classification").
+"""Adaptive server optimizers on the pseudo-gradient -(mean delta): Reddi et al., ICLR 2021,
+"Adaptive Federated Optimization" (FedAdagrad, FedAdam, FedYogi).
 
-Embedding tables are updated lazily: only the rows some client touched this round get their
-moments updated and move, as SparseAdam does for sparse gradients. Dense moments are vectors.
+`ServerOptimizer` is the shared frame (also of FedAvgM): embedding tables are updated lazily,
+only the rows some client touched this round get their moments updated and move, as
+SparseAdam does for sparse gradients. Dense moments are vectors.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -16,45 +16,34 @@ from torch import Tensor
 
 from fltoolkit.strategies.base import ServerModel
 from fltoolkit.strategies.fedavg import FedAvg
-from fltoolkit.updates import ClientUpdate
+from fltoolkit.training.updates import ClientUpdate
 
 
-class FedOpt(FedAvg):
-    """Base of the adaptive server optimizers: averages like FedAvg, then takes a server step.
+class ServerOptimizer(FedAvg):
+    """Averages like FedAvg, then takes a stateful server step with the mean delta.
+
+    Subclasses say what state a step keeps (`initial_moments`) and how it moves the weights
+    (`step`); this class keeps that state per dense vector and per touched table row.
 
     Args:
-        eta: server learning rate.
-        beta_1: first-moment decay.
-        beta_2: second-moment decay (unused by FedAdagrad).
-        tau: adaptivity; also the initial second moment is tau**2 (v_{-1} >= tau^2 in the paper).
+        server_lr: the server learning rate (the step's scale).
         sparse_weighting, weighted: as in FedAvg.
     """
 
-    def __init__(self, *, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99,
-                 tau: float = 1e-3, sparse_weighting: str = "touched",
+    def __init__(self, *, server_lr: float, sparse_weighting: str = "touched",
                  weighted: bool = True) -> None:
-        super().__init__(server_lr=1.0, sparse_weighting=sparse_weighting, weighted=weighted)
-        self.eta, self.beta_1, self.beta_2, self.tau = eta, beta_1, beta_2, tau
+        super().__init__(server_lr=server_lr, sparse_weighting=sparse_weighting,
+                         weighted=weighted)
         self.moments: dict[str, dict[str, Tensor]] = {}
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"eta": self.eta, "beta_1": self.beta_1, "beta_2": self.beta_2, "tau": self.tau,
-                "sparse_weighting": self.sparse_weighting, "weighted": self.weighted}
-
-    def second_moment(self, v: Tensor, delta: Tensor) -> Tensor:
-        """The new v from the old v and the mean delta (the part that differs per method)."""
-        raise NotImplementedError
-
+    @abstractmethod
     def initial_moments(self, like: Tensor) -> dict[str, Tensor]:
-        """Moments before the first round: m = 0, v = tau^2."""
-        return {"m": torch.zeros_like(like), "v": torch.full_like(like, self.tau ** 2)}
+        """The state before the first round, shaped like `like`."""
 
+    @abstractmethod
     def step(self, delta: Tensor, moments: dict[str, Tensor]
              ) -> tuple[Tensor, dict[str, Tensor]]:
         """(update to add to the weights, new moments) for a mean delta."""
-        m = self.beta_1 * moments["m"] + (1 - self.beta_1) * delta
-        v = self.second_moment(moments["v"], delta)
-        return self.eta * m / (v.sqrt() + self.tau), {"m": m, "v": v}
 
     def _moments(self, name: str, like: Tensor) -> dict[str, Tensor]:
         if name not in self.moments:
@@ -80,6 +69,44 @@ class FedOpt(FedAvg):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.moments = state["moments"]
+
+
+class FedOpt(ServerOptimizer):
+    """Base of the adaptive server optimizers (Reddi et al.'s Algorithm 2).
+
+    Args:
+        server_lr: the server learning rate (the paper's eta).
+        beta_1: first-moment decay.
+        beta_2: second-moment decay (unused by FedAdagrad).
+        tau: adaptivity; also the initial second moment is tau**2 (v_{-1} >= tau^2 in the paper).
+        sparse_weighting, weighted: as in FedAvg.
+    """
+
+    def __init__(self, *, server_lr: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99,
+                 tau: float = 1e-3, sparse_weighting: str = "touched",
+                 weighted: bool = True) -> None:
+        super().__init__(server_lr=server_lr, sparse_weighting=sparse_weighting,
+                         weighted=weighted)
+        self.beta_1, self.beta_2, self.tau = beta_1, beta_2, tau
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"server_lr": self.server_lr, "beta_1": self.beta_1, "beta_2": self.beta_2,
+                "tau": self.tau, "sparse_weighting": self.sparse_weighting,
+                "weighted": self.weighted}
+
+    @abstractmethod
+    def second_moment(self, v: Tensor, delta: Tensor) -> Tensor:
+        """The new v from the old v and the mean delta (the part that differs per method)."""
+
+    def initial_moments(self, like: Tensor) -> dict[str, Tensor]:
+        """Moments before the first round: m = 0, v = tau^2."""
+        return {"m": torch.zeros_like(like), "v": torch.full_like(like, self.tau ** 2)}
+
+    def step(self, delta: Tensor, moments: dict[str, Tensor]
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+        m = self.beta_1 * moments["m"] + (1 - self.beta_1) * delta
+        v = self.second_moment(moments["v"], delta)
+        return self.server_lr * m / (v.sqrt() + self.tau), {"m": m, "v": v}
 
 
 class FedAdagrad(FedOpt):
@@ -113,33 +140,3 @@ class FedYogi(FedOpt):
     def second_moment(self, v: Tensor, delta: Tensor) -> Tensor:
         squared = delta * delta
         return v - (1 - self.beta_2) * squared * torch.sign(v - squared)
-
-
-class FedAvgM(FedOpt):
-    """Server momentum: m <- momentum * m + delta; w <- w + eta * m.
-
-    Args:
-        eta: server learning rate (1.0 with momentum 0 is FedAvg).
-        momentum: server momentum.
-        sparse_weighting, weighted: as in FedAvg.
-    """
-
-    name = "FedAvgM"
-
-    def __init__(self, *, eta: float = 1.0, momentum: float = 0.9,
-                 sparse_weighting: str = "touched", weighted: bool = True) -> None:
-        super().__init__(eta=eta, beta_1=momentum, sparse_weighting=sparse_weighting,
-                         weighted=weighted)
-        self.momentum = momentum
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"eta": self.eta, "momentum": self.momentum,
-                "sparse_weighting": self.sparse_weighting, "weighted": self.weighted}
-
-    def initial_moments(self, like: Tensor) -> dict[str, Tensor]:
-        return {"m": torch.zeros_like(like)}
-
-    def step(self, delta: Tensor, moments: dict[str, Tensor]
-             ) -> tuple[Tensor, dict[str, Tensor]]:
-        m = self.momentum * moments["m"] + delta
-        return self.eta * m, {"m": m}

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from fltoolkit.strategies.base import ServerModel, Strategy, check_updates
-from fltoolkit.updates import ClientUpdate
+from fltoolkit.training.updates import ClientUpdate
 
 
 class QFedAvg(Strategy):

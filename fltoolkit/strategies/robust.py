@@ -1,7 +1,6 @@
 """Byzantine-robust aggregation: coordinate-wise median and trimmed mean (Yin et al., ICML 2018,
-"Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates"), and FedAvg on
-norm-clipped updates (the clipping of Sun et al. 2019, "Can You Really Backdoor Federated
-Learning?").
+"Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates"). Norm clipping,
+which wraps any strategy, is in clipping.py.
 
 Median and trimmed mean work per coordinate. An embedding row is aggregated over the clients
 that touched it only, as FedAvg's 'touched' weighting does: a client that never saw a row has
@@ -12,14 +11,13 @@ client could inflate.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fltoolkit.strategies.base import ServerModel, Strategy, apply_rows, check_updates
-from fltoolkit.strategies.fedavg import FedAvg
-from fltoolkit.updates import ClientUpdate, SparseRows
+from fltoolkit.training.updates import ClientUpdate, SparseRows
 
 
 def sorted_by_row(ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -132,41 +130,3 @@ class TrimmedMean(CoordinateWise):
         total = torch.zeros(counts.numel(), values.shape[1], dtype=values.dtype)
         total.index_add_(0, group[keep], values[keep])
         return total / (counts - 2 * trim)[:, None]
-
-
-def clipped(update: ClientUpdate, max_norm: float) -> ClientUpdate:
-    """The update scaled by min(1, max_norm / ||update||), the norm spanning the dense delta
-    and every row it sent; the input is left as it is."""
-    norm = update.norm()
-    return update if norm <= max_norm else update.scaled(max_norm / norm)
-
-
-class NormClippedFedAvg(FedAvg):
-    """FedAvg over updates whose L2 norm is clipped to `max_norm` first.
-
-    One client can then move the global model by at most its weight share times max_norm,
-    however large the update it sends; honest updates under the bound pass unchanged.
-
-    Args:
-        max_norm: bound on each client's whole update (dense delta and table rows together).
-            No default: it depends on the model and the local training, e.g. a little above
-            the median update norm of a clean run.
-        server_lr, sparse_weighting, weighted: as in FedAvg.
-    """
-
-    name = "NormClippedFedAvg"
-
-    def __init__(self, *, max_norm: float, server_lr: float = 1.0,
-                 sparse_weighting: Literal["touched", "global"] = "touched",
-                 weighted: bool = True) -> None:
-        super().__init__(server_lr=server_lr, sparse_weighting=sparse_weighting,
-                         weighted=weighted)
-        if max_norm <= 0:
-            raise ValueError(f"NormClippedFedAvg max_norm must be > 0, got {max_norm}")
-        self.max_norm = max_norm
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"max_norm": self.max_norm, **super().hyperparameters()}
-
-    def aggregate(self, updates: list[ClientUpdate], server: ServerModel) -> None:
-        super().aggregate([clipped(u, self.max_norm) for u in updates], server)

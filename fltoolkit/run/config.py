@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fltoolkit.faults import Faults
+from fltoolkit.gate.faults import Faults
 from fltoolkit.selection import ClientSelector, UniformSelector
 from fltoolkit.strategies import FedAvg, Strategy
+from fltoolkit.training.cohort import LocalSchedule
 
 
 class ConfigError(ValueError):
@@ -29,8 +30,13 @@ class FederatedConfig:
         local_epochs: passes over its rows that each client makes per round; unset to use
             `local_steps` instead.
         local_steps: mini-batches per client per round (used when local_epochs is unset).
+        proximal_mu: FedProx's proximal coefficient (Li et al., MLSys 2020): clients minimize
+            loss + mu/2 ||w - w_global||^2 (the paper tries 0.001 to 1); 0 is plain local
+            training. A client setting, so it combines with any server strategy (FedProx
+            proper is FedAvg with mu > 0).
         strategy: the server aggregation, by class_path: fltoolkit.strategies.FedAvg (default),
-            FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad, QFedAvg.
+            FedAvgM, FedAdam, FedYogi, FedAdagrad, QFedAvg, robust ones, and wrappers such as
+            NormClipping around any of them.
         selector: the client selector, by class_path: fltoolkit.selection.UniformSelector
             (default) or fltoolkit.selection.Oort.
         local_tables: tables kept on the clients and never uploaded (e.g. [user]), or `all`.
@@ -61,6 +67,7 @@ class FederatedConfig:
         batch_size: int = 32,
         local_epochs: int | None = 1,
         local_steps: int | None = None,
+        proximal_mu: float = 0.0,
         strategy: Strategy | None = None,
         selector: ClientSelector | None = None,
         local_tables: list[str] | Literal["all"] | None = None,
@@ -88,6 +95,9 @@ class FederatedConfig:
         self.batch_size = batch_size
         self.local_epochs = local_epochs
         self.local_steps = local_steps
+        if proximal_mu < 0:
+            raise ValueError(f"federated.proximal_mu must be >= 0, got {proximal_mu}")
+        self.proximal_mu = proximal_mu
         self.strategy = strategy or FedAvg()
         self.selector = selector or UniformSelector()
         self.local_tables = local_tables or []
@@ -100,3 +110,37 @@ class FederatedConfig:
         self.reject_norm_ratio = reject_norm_ratio
         self.faults = faults or Faults()
         self.sharding = sharding
+
+    def schedule(self) -> LocalSchedule:
+        """How much each client trains per round."""
+        return LocalSchedule(self.batch_size, self.local_steps or 1, self.local_epochs)
+
+    def check_clients(self, num_clients: int) -> None:
+        if self.clients_per_round > num_clients:
+            raise ConfigError(f"federated.clients_per_round={self.clients_per_round} exceeds "
+                              f"the {num_clients} training clients")
+
+    def local_table_names(self, tables: list[str], sharded: bool) -> list[str]:
+        """The names `local_tables` selects among the model's `tables`, checked."""
+        names = list(tables) if self.local_tables == "all" else list(self.local_tables)
+        unknown = [name for name in names if name not in tables]
+        if unknown:
+            raise ConfigError(f"federated.local_tables: unknown table(s) {unknown}; the model's "
+                              f"tables are {tables}")
+        if names and sharded:
+            raise ConfigError("federated.local_tables and federated.sharding exclude each other: "
+                              "local tables live with their clients, not on the server's shards")
+        return names
+
+
+
+def check_run(federated: FederatedConfig, resume: str | None, distributed: bool) -> None:
+    """Refuse combinations that the launch (one process, or torchrun ranks) cannot run."""
+    if distributed and not federated.enabled:
+        raise ConfigError("several ranks (torchrun) split federated cohorts; centralized "
+                          "training runs in one process (set federated.enabled true)")
+    if federated.sharding != "none" and not distributed:
+        raise ConfigError(f"federated.sharding={federated.sharding} splits the tables across "
+                          "ranks: launch with torchrun --nproc_per_node N (N >= 2)")
+    if resume and not federated.enabled:
+        raise ConfigError("--resume continues federated runs; this experiment is centralized")

@@ -1,5 +1,5 @@
 """`fltk`: the command line. `fltk fit --experiment X.yaml [--key.sub value ...]` trains (see
-`fit_cli.py`); `fltk report RUN_DIR ...` rebuilds reports. Each command imports what it needs
+`fltoolkit.run.fit`); `fltk report RUN_DIR ...` rebuilds reports. Each command imports what it needs
 only when run, so `fltk report` and `fltk help` do not pay for torch and Lightning.
 """
 
@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fltk: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     if command == "fit":
-        from fltoolkit.fit_cli import FIT_ERRORS, error_message, fit
+        from fltoolkit.run.fit import fit
+        from fltoolkit.run.parser import FIT_ERRORS, error_message
 
         _configure_logging()
-        return _run(lambda: fit(rest), (argparse.ArgumentError, *FIT_ERRORS), error_message,
+        return _run(lambda: fit(None, *rest), (argparse.ArgumentError, *FIT_ERRORS), error_message,
                     command)
     from fltoolkit.reports.record import RunRecordError
 

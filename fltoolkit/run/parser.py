@@ -1,4 +1,4 @@
-"""`fltk fit`'s parser: LightningCLI over the experiment YAML, and its error messages.
+"""The experiment parser: LightningCLI over the experiment YAML, and its error messages.
 
 The experiment YAML is the serialization of the datamodule's and the module's constructor
 signatures (class_path + init_args) plus fltk's own typed sections, so an unknown key or a
@@ -11,16 +11,16 @@ from __future__ import annotations
 import re
 from argparse import ArgumentError
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import ActionConfigFile
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.base import CTRDataModule, DataError
-from fltoolkit.checkpoint import CheckpointError
-from fltoolkit.config import ConfigError, FederatedConfig
-from fltoolkit.loop import RunInterrupted
 from fltoolkit.reports.config import ReportConfig
 from fltoolkit.reports.run_dir import RunDirectoryError
+from fltoolkit.run.checkpointing import CheckpointError, RunInterrupted
+from fltoolkit.run.config import ConfigError, FederatedConfig
 from fltoolkit.systems.config import SystemsConfig
 from fltoolkit.systems.devices import DeviceError
 from recsys.module import CTRModule
@@ -130,15 +130,10 @@ def constructor_error(message: str) -> str:
     return reasons[0] if reasons else message.splitlines()[0]
 
 
-def fit(args: list[str]) -> Path | None:
-    """Parse, validate and run one experiment; returns its run directory (None on the ranks
-    other than 0 of a torchrun launch, which write nothing)."""
-    from fltoolkit.fit import run_fit
-
-    cli = FltkCLI(args)
-    config_name = cli.config.get("experiment") or cli.config.get("config")
-    name = Path(str(config_name[0])).stem if config_name else "experiment"
-    return run_fit(cli, experiment_name=name)
+def experiment_name(config: Any) -> str:
+    """The run's name under runs/: the experiment file's stem."""
+    given = config.get("experiment") or config.get("config")
+    return Path(str(given[0])).stem if given else "experiment"
 
 
 def error_message(error: Exception) -> str:

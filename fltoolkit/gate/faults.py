@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fltoolkit.updates import ClientUpdate
+from fltoolkit.training.updates import ClientUpdate
 
 FAULT_STREAM = 0xFA017  # keeps the fault draws independent of every other seeded stream
 

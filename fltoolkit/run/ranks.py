@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fltoolkit.updates import ClientUpdate, SparseRows
+from fltoolkit.training.updates import ClientUpdate, SparseRows
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fltoolkit.updates import SparseRows
+from fltoolkit.training.updates import SparseRows
 
 
 class RoundOptimizers:
@@ -75,8 +75,10 @@ class ClientOptimizerStates:
     def __init__(self) -> None:
         self.states: dict[int, list[dict[nn.Parameter, dict[str, Any]]]] = {}
 
-    def save(self, client: int, optimizers: list[torch.optim.Optimizer],
-             segments: dict[nn.Parameter, tuple[Tensor, slice]]) -> None:
+    def snapshot(self, client: int, optimizers: list[torch.optim.Optimizer],
+                 segments: dict[nn.Parameter, tuple[Tensor, slice]]) -> list[dict]:
+        """The client's state after its round (copies, merged with what it kept before), to
+        `put` once its update is accepted."""
         previous = self.states.get(client)
         saved = []
         for index, optimizer in enumerate(optimizers):
@@ -87,6 +89,9 @@ class ClientOptimizerStates:
                 params[param] = {key: _save(value, param, segment, kept.get(param, {}).get(key))
                                  for key, value in state.items()}
             saved.append(params)
+        return saved
+
+    def put(self, client: int, saved: list[dict]) -> None:
         self.states[client] = saved
 
     def load(self, client: int, optimizers: list[torch.optim.Optimizer],
@@ -98,7 +103,6 @@ class ClientOptimizerStates:
                 optimizer.state[param] = {
                     key: _load(value, param, segments.get(param), fresh.get(key))
                     for key, value in state.items()}
-
 
     def state_dict(self, parameters: list[nn.Parameter]) -> dict[int, list[dict[int, Any]]]:
         """Plain tensors keyed by each parameter's position in `parameters` (the module's

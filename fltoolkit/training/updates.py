@@ -67,7 +67,7 @@ class ClientUpdate:
         finite: whether every delta is finite, when the producer checked a whole round at once
             (None: `is_finite` checks this update's tensors).
         whole: set when this update holds only the part of the tables one rank's shards
-            cover (fltoolkit.server_tables): the whole update, whose norm this one reports, so
+            cover (fltoolkit.server.tables): the whole update, whose norm this one reports, so
             norm-based strategies weigh clients the same on every rank.
     """
 

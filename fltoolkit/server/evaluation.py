@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 
 from datamodules.clients import ClientTable
-from fltoolkit.distributed import Ranks
-from fltoolkit.model_parts import ModelParts
 from fltoolkit.privacy.local_tables import LocalTableStore
-from fltoolkit.server_tables import ServerTables
+from fltoolkit.run.ranks import Ranks
+from fltoolkit.server.tables import ServerTables
 from recsys.metrics import ctr_metrics, group_auc
+from recsys.parts import ModelParts
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fltoolkit.updates import ClientUpdate, SparseRows
+from fltoolkit.training.updates import ClientUpdate, SparseRows
 from recsys.sharding import ShardedTables
 
 

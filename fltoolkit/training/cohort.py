@@ -1,0 +1,185 @@
+"""A round's cohort planned once: each client's local batches and the compact layout of the
+rows they touch, and the bytes each client moves.
+
+The plan is made before anyone trains, so the simulated clock (fltoolkit.systems) charges
+exactly the bytes and samples that training then uses: both read the same `Cohort`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from datamodules.clients import ClientTable
+from fltoolkit.training.updates import ID_BYTES
+from recsys.parts import TablePart
+
+
+@dataclass(frozen=True)
+class LocalSchedule:
+    """How much a client trains per round.
+
+    Attributes:
+        batch_size: rows per local mini-batch (a client with fewer rows uses all of them).
+        local_steps: mini-batches per round, cycling over the client's shuffled rows.
+        local_epochs: if set, passes over the client's rows instead of `local_steps`.
+    """
+
+    batch_size: int = 32
+    local_steps: int = 1
+    local_epochs: int | None = None
+
+    def batches(self, num_rows: int, generator: torch.Generator) -> list[Tensor]:
+        """Row positions (within the client) of each local mini-batch."""
+        if self.local_epochs:
+            return [batch for _ in range(self.local_epochs)
+                    for batch in torch.randperm(num_rows, generator=generator)
+                    .split(self.batch_size)]
+        size = min(self.batch_size, num_rows)
+        needed = self.local_steps * size
+        order = torch.randperm(num_rows, generator=generator)
+        order = order.repeat(math.ceil(needed / num_rows))[:needed]
+        return list(order.view(self.local_steps, size))
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """A round's clients laid out for training. R: rows of all local batches, C: clients.
+
+    Attributes:
+        clients: the clients, in training order.
+        num_samples: per client, its training rows (its FedAvg weight).
+        samples_trained: per client, the rows of all its local batches (epochs x rows).
+        bytes_moved: [C] per client, the bytes it downloads to train, which equal the bytes
+            it uploads: the dense weights and its touched rows of every uploaded table.
+        dense, label: [R, D] and [R] the rows of every local batch, client after client.
+        sparse: [R, F] their ids, remapped to positions in the compact buffers.
+        steps: per client, the slices of those rows that make its local batches.
+        row_ids: table -> [U] global row id of each compact buffer row.
+        segments: table -> C + 1 bounds; client c owns compact rows segments[c]:segments[c + 1].
+        columns: table -> the columns of `sparse` that feed it.
+    """
+
+    clients: list[int]
+    num_samples: list[int]
+    samples_trained: list[int]
+    bytes_moved: np.ndarray
+    dense: Tensor
+    sparse: Tensor
+    label: Tensor
+    steps: list[list[slice]]
+    row_ids: dict[str, Tensor]
+    segments: dict[str, list[int]]
+    columns: dict[str, list[int]]
+
+    def rows(self, table: str, slot: int) -> slice:
+        bounds = self.segments[table]
+        return slice(bounds[slot], bounds[slot + 1])
+
+    def subset(self, slots: Sequence[int]) -> Cohort:
+        """The plan of the clients at `slots` only, exactly as planning them alone gives it
+        (a client's rows and batches do not depend on who else is in the cohort)."""
+        slots = list(slots)
+        if slots == list(range(len(self.clients))):
+            return self
+        starts = [0, *accumulate(self.samples_trained)]
+        positions = [torch.arange(starts[s], starts[s + 1]) for s in slots]
+        order = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
+        counts = torch.tensor([self.samples_trained[s] for s in slots], dtype=torch.int64)
+        new_starts = [0, *accumulate(self.samples_trained[s] for s in slots)]
+        steps = [[slice(step.start - starts[s] + begin, step.stop - starts[s] + begin)
+                  for step in self.steps[s]] for s, begin in zip(slots, new_starts, strict=False)]
+        sparse = self.sparse[order].clone()
+        row_ids, segments = {}, {}
+        for name, columns in self.columns.items():
+            bounds = self.segments[name]
+            sizes = [bounds[s + 1] - bounds[s] for s in slots]
+            segments[name] = [0, *accumulate(sizes)]
+            kept = [self.row_ids[name][bounds[s]:bounds[s + 1]] for s in slots]
+            row_ids[name] = torch.cat(kept) if kept else self.row_ids[name][:0]
+            shift = torch.tensor([bounds[s] - segments[name][i] for i, s in enumerate(slots)],
+                                 dtype=torch.int64)
+            sparse[:, columns] -= torch.repeat_interleave(shift, counts)[:, None]
+        return Cohort([self.clients[s] for s in slots], [self.num_samples[s] for s in slots],
+                      [self.samples_trained[s] for s in slots], self.bytes_moved[slots],
+                      self.dense[order], sparse, self.label[order], steps, row_ids, segments,
+                      self.columns)
+
+
+class CohortPlanner:
+    """Plans cohorts of one training table for one model.
+
+    Args:
+        data: the training ClientTable.
+        tables: the model's embedding tables (recsys.parts).
+        schedule: local batch size and steps.
+        uploaded: the tables whose rows travel between client and server (local ones do not).
+        dense_bytes: bytes of the dense weights, which every client downloads and uploads.
+        seed: the run's seed; a client's batch order derives from (seed, round, client).
+    """
+
+    def __init__(self, data: ClientTable, tables: dict[str, TablePart], schedule: LocalSchedule,
+                 uploaded: list[str], dense_bytes: int, seed: int) -> None:
+        self.data, self.tables, self.schedule = data, tables, schedule
+        self.uploaded, self.dense_bytes, self.seed = uploaded, dense_bytes, seed
+
+    def plan_round(self, round_index: int, clients: Sequence[int]) -> Cohort:
+        """The cohort of `clients` in round `round_index`."""
+        return self.plan(clients, [client_seed(self.seed, round_index, c) for c in clients])
+
+    def plan(self, clients: Sequence[int], seeds: Sequence[int]) -> Cohort:
+        """Each client's local batches (from its seed) and the compact layout of its rows.
+
+        One `torch.unique` per table over (client slot, row id) keys gives, sorted by slot,
+        every client's distinct rows and, through the inverse, the remapped ids of its batches.
+        """
+        positions, steps, counts, num_samples, offset = [], [], [], [], 0
+        for client, seed in zip(clients, seeds, strict=True):
+            rows = self.data.client_rows(client)
+            num_samples.append(rows.stop - rows.start)
+            generator = torch.Generator().manual_seed(seed)
+            batches = self.schedule.batches(rows.stop - rows.start, generator)
+            positions += [rows.start + batch for batch in batches]
+            sizes = [len(batch) for batch in batches]
+            bounds = [offset, *(offset + total for total in accumulate(sizes))]
+            steps.append([slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)])
+            counts.append(sum(sizes))
+            offset += counts[-1]
+        order = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
+        slot = torch.repeat_interleave(torch.arange(len(clients)), torch.tensor(counts,
+                                                                              dtype=torch.int64))
+        ids = self.data.sparse[order]
+        remapped = ids.clone()  # columns that feed no table keep their ids
+        row_ids, segments = {}, {}
+        for name, part in self.tables.items():
+            vocab = part.num_rows
+            keys = slot[:, None] * vocab + ids[:, part.columns]
+            unique, inverse = torch.unique(keys, return_inverse=True)
+            remapped[:, part.columns] = inverse
+            row_ids[name] = unique % vocab
+            segments[name] = torch.searchsorted(
+                unique, torch.arange(len(clients) + 1) * vocab).tolist()
+        return Cohort(list(clients), num_samples, counts,
+                      self._bytes_moved(len(clients), segments),
+                      self.data.dense[order], remapped, self.data.label[order], steps, row_ids,
+                      segments, {name: part.columns for name, part in self.tables.items()})
+
+    def _bytes_moved(self, num_clients: int, segments: dict[str, list[int]]) -> np.ndarray:
+        """Dense weights plus, per uploaded table, the client's rows with their ids."""
+        moved = np.full(num_clients, self.dense_bytes, dtype=np.int64)
+        for name in self.uploaded:
+            weight = self.tables[name].weight
+            row_bytes = ID_BYTES + weight.shape[1] * weight.element_size()
+            moved += np.diff(segments[name]) * row_bytes
+        return moved
+
+
+def client_seed(seed: int, round_index: int, client: int) -> int:
+    """A client's batch-order seed: independent of the order in which clients train."""
+    return int(np.random.SeedSequence([seed, round_index, client]).generate_state(1)[0])
