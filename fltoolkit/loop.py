@@ -201,9 +201,9 @@ class FederatedLoop:
         trained = self.trainer.train_round(mine)
         updates = self.ranks.cohort_updates(cohort.clients, trained, self.trainer.dense_size)
         screened = self.gate.screen(updates, round_index)
-        self.trainer.keep(mine.clients)
-        self.participation[cohort.clients] += 1
         accepted = screened.accepted
+        self.trainer.keep([u.client for u in accepted if self.ranks.owns(u.client)])
+        self.participation[cohort.clients] += 1
         row = RoundRow(clients=len(cohort.clients), aggregated=len(accepted),
                        rejected=screened.rejected, crashed=screened.crashed,
                        bytes_up=screened.bytes_up, bytes_down=screened.bytes_down,

@@ -297,3 +297,22 @@ def test_round_finiteness_check_flags_exactly_the_clients_with_a_bad_delta():
     dense[2, 0] = float("inf")
     assert _finite_per_client(cohort, dense, {"t": table}, [float("nan"), 0.2, 0.3]) == [
         False, False, False]
+
+
+def test_a_rejected_client_keeps_nothing_of_the_round(synthetic_data):
+    """Local rows and kept optimizer state are stored only for accepted updates: a client
+    whose update the gate refused (here: NaN) is exactly as it was before the round."""
+    loop = _loop(synthetic_data, rounds=1, local_tables=["user"], keep_optimizer_state=True)
+    loop.module.sparse_optimizer = lambda p: torch.optim.Adagrad(p, lr=0.1)
+    train_round = loop.trainer.train_round
+
+    def poisoned(cohort) -> list[ClientUpdate]:
+        return [u.scaled(float("nan")) if u.client % 2 else u for u in train_round(cohort)]
+
+    loop.trainer.train_round = poisoned
+    stats = loop.run_round(1)
+    trained = np.flatnonzero(loop.participation).tolist()
+    rejected = [client for client in trained if client % 2]
+    assert stats.rejected == len(rejected) > 0
+    assert set(loop.local_tables.rows["user"]) == set(trained) - set(rejected)
+    assert set(loop.trainer.optimizer_states.states) == set(trained) - set(rejected)
