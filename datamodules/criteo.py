@@ -13,20 +13,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 
-from datamodules.base import CTRDataModule, DataError, FeatureSpec, PreparedData
-from datamodules.cache import PreparedCache, build_once, config_hash, fingerprint, generate_once
-from datamodules.clients import config_partitioner, partition_splits
+from datamodules.base import DataError, FeatureSpec, PreparedData
+from datamodules.cache import build_once, config_hash, fingerprint, generate_once
+from datamodules.click_log import ClickLogDataModule
+from datamodules.clients import partition_splits
+from datamodules.frame_tensors import labelled_rows
 from datamodules.synthetic_criteo import GENERATOR_VERSION, META_FILE, generate_criteo
-from datamodules.taobao import FIRST_VOCAB_INDEX, MISSING_INDEX, OOV_INDEX, _tensor
+from datamodules.taobao import FIRST_VOCAB_INDEX, MISSING_INDEX, OOV_INDEX
 
 log = logging.getLogger("fltk.data")
 
@@ -37,13 +37,12 @@ SPARSE_COLUMNS = [f"C{i}" for i in range(1, 27)]
 # The label is read as text so that any value other than 0/1 can be reported with its line.
 SCHEMA = {"label": pl.String, **dict.fromkeys(DENSE_COLUMNS, pl.Int64),
           **dict.fromkeys(SPARSE_COLUMNS, pl.String)}
-PARTITIONS = ("iid", "dirichlet", "power_law")  # "key" needs a user id, which Criteo lacks
 LINE = "_line"  # 1-based line number of a row in train.txt
 INDEX = "_index"  # a vocabulary's index column while it is joined
 Encoder = Callable[[pl.LazyFrame], pl.LazyFrame]
 
 
-class CriteoDataModule(PreparedCache, CTRDataModule):
+class CriteoDataModule(ClickLogDataModule):
     """Criteo click log (real or synthetic), split by line order, clients from a partitioner.
 
     Args:
@@ -57,12 +56,9 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
             category's hex string read as an integer h maps to 1 + h % (size - 1), index 0
             staying for missing. No vocabulary is built; test values need no OOV index.
             Exclusive with a min_count other than 1.
-        partition: how rows are dealt to clients: `iid`, `dirichlet` (label skew, `alpha`) or
-            `power_law` (Zipf-like sizes, `exponent`); see datamodules.clients.
-        num_clients, alpha, exponent: passed to the Partitioner.
-        cache_dir: where generated data and the preprocessed parquet splits live.
-        batch_size, eval_batch_size, min_client_samples, seed: see CTRDataModule; `seed` also
-            seeds the partition.
+        partition: how rows are dealt to clients: `iid`, `dirichlet` or `power_law`.
+        **kwargs: ClickLogDataModule's (num_clients, alpha, exponent, cache_dir) and
+            CTRDataModule's (batch_size, eval_batch_size, min_client_samples, seed).
 
     Test rows get their own draw of the same partition kind and num_clients (seed + 1, no
     minimum size), so every client's per-client metrics have rows to work on; Criteo has no
@@ -76,6 +72,8 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
     `load`, so changing the partition reuses the cache.
     """
 
+    partitions = ("iid", "dirichlet", "power_law")  # "key" needs a user id, which Criteo lacks
+
     def __init__(
         self,
         data_dir: str | None = None,
@@ -84,16 +82,9 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         min_count: int = 1,
         num_embeddings_per_feature: list[int] | None = None,
         partition: str = "iid",
-        num_clients: int = 1000,
-        alpha: float = 0.5,
-        exponent: float = 1.0,
-        cache_dir: str | None = None,
-        batch_size: int = 256,
-        eval_batch_size: int = 65536,
-        min_client_samples: int = 1,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, min_client_samples, seed)
+        super().__init__(partition, **kwargs)
         if num_rows < 10:
             raise ValueError(f"data.num_rows must be >= 10, got {num_rows}")
         if not 0.0 < test_fraction < 1.0:
@@ -110,15 +101,11 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
                 raise ValueError("data.min_count and data.num_embeddings_per_feature exclude "
                                  "each other (hash buckets have no vocabulary to prune)")
             num_embeddings_per_feature = sizes
-        self.partitioner = config_partitioner(partition, num_clients, alpha, exponent, seed,
-                                              PARTITIONS)
         self.data_dir = Path(data_dir) if data_dir else None
         self.num_rows = num_rows
         self.test_fraction = test_fraction
         self.min_count = min_count
         self.num_embeddings_per_feature = num_embeddings_per_feature
-        self.cache_dir = Path(cache_dir or os.environ.get("FLTK_CACHE")
-                              or Path.home() / ".cache" / "fltk")
 
     # ------------------------------------------------------------------ prepare
     def source(self) -> Path:
@@ -255,9 +242,7 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         splits = {}
         for split in ("train", "test"):
             frame = pl.read_parquet(prepared / f"{split}.parquet")
-            splits[split] = (_tensor(frame, DENSE_COLUMNS, np.float32, width=len(DENSE_COLUMNS)),
-                             _tensor(frame, SPARSE_COLUMNS, np.int64, width=len(SPARSE_COLUMNS)),
-                             _tensor(frame, ["label"], np.float32, width=1).reshape(-1))
+            splits[split] = labelled_rows(frame, DENSE_COLUMNS, SPARSE_COLUMNS)
         tables, facts = partition_splits(self.partitioner, splits)
         info.update(facts)
         label_mean = float(tables["train"].label.mean())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,10 +19,12 @@ import numpy as np
 import polars as pl
 import torch
 
-from datamodules.base import CTRDataModule, DataError, FeatureSpec, PreparedData
-from datamodules.cache import PreparedCache, build_once, config_hash, fingerprint, generate_once
-from datamodules.clients import ClientTable, config_partitioner, partition_splits
+from datamodules.base import DataError, FeatureSpec, PreparedData
+from datamodules.cache import build_once, config_hash, fingerprint, generate_once
+from datamodules.click_log import ClickLogDataModule
+from datamodules.clients import ClientTable, partition_splits
 from datamodules.csv_check import Rule, check_csv
+from datamodules.frame_tensors import frame_tensor, labelled_rows
 
 log = logging.getLogger("fltk.data")
 
@@ -69,8 +70,6 @@ CATEGORICAL_COLUMNS = [
 ]
 DERIVED_SPARSE = ["hour"]  # hour of day (local time); the raw Unix time is never an input
 DENSE_COLUMNS = ["price"]
-# "user": the natural split; the others deal rows to synthetic clients (datamodules.clients)
-PARTITIONS = ("user", "iid", "dirichlet", "power_law")
 
 
 def _read_columns(path: Path) -> list[str]:
@@ -97,7 +96,7 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return auc(torch.from_numpy(scores), torch.from_numpy(labels))
 
 
-class TaobaoDataModule(PreparedCache, CTRDataModule):
+class TaobaoDataModule(ClickLogDataModule):
     """Taobao Ad Display/Click data: real (data_dir) or synthetic (generated without data_dir).
 
     Args:
@@ -117,13 +116,15 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
             `NULL` brands are missing values, not malformed.
         partition: `user` (default): every user is a client, its train and test rows together.
             `iid`, `dirichlet` or `power_law`: rows are dealt to `num_clients` synthetic clients
-            by a Partitioner (`alpha`, `exponent`; seeded by `seed`; see
-            datamodules.clients), to study a skew the natural split does not have. Applied
-            when the cache is loaded, so changing it does not preprocess again.
-        num_clients, alpha, exponent: passed to the Partitioner (ignored for `user`).
-        cache_dir: where generated data and preprocessed parquet caches live.
-        batch_size, eval_batch_size, min_client_samples, seed: see CTRDataModule.
+            by a Partitioner, to study a skew the natural split does not have. Applied when
+            the cache is loaded, so changing it does not preprocess again.
+        **kwargs: ClickLogDataModule's (num_clients, alpha, exponent, cache_dir) and
+            CTRDataModule's (batch_size, eval_batch_size, min_client_samples, seed).
     """
+
+    # "user": the natural split; the others deal rows to synthetic clients (datamodules.clients)
+    partitions = ("user", "iid", "dirichlet", "power_law")
+    natural_partition = "user"
 
     def __init__(
         self,
@@ -136,16 +137,9 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
         test_days: int = 1,
         on_bad_rows: Literal["error", "skip"] = "error",
         partition: str = "user",
-        num_clients: int = 1000,
-        alpha: float = 0.5,
-        exponent: float = 1.0,
-        cache_dir: str | None = None,
-        batch_size: int = 256,
-        eval_batch_size: int = 65536,
-        min_client_samples: int = 1,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, min_client_samples, seed)
+        super().__init__(partition, **kwargs)
         self.sparse_features = list(CATEGORICAL_COLUMNS if sparse_features is None
                                     else sparse_features)
         self.dense_features = list(DENSE_COLUMNS if dense_features is None else dense_features)
@@ -164,16 +158,12 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
             raise ValueError("data.min_count, data.test_days and data.num_rows must be >= 1")
         if on_bad_rows not in ("error", "skip"):
             raise ValueError(f"data.on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
-        self.partitioner = (None if partition == "user" else config_partitioner(
-            partition, num_clients, alpha, exponent, seed, PARTITIONS))
         self.data_dir = Path(data_dir) if data_dir else None
         self.num_rows = num_rows
         self.min_count = min_count
         self.utc_offset_hours = utc_offset_hours
         self.test_days = test_days
         self.on_bad_rows = on_bad_rows
-        self.cache_dir = Path(cache_dir or os.environ.get("FLTK_CACHE")
-                              or Path.home() / ".cache" / "fltk")
 
     # ------------------------------------------------------------------ sources
     def source_dir(self) -> Path:
@@ -335,10 +325,8 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
         splits = {}
         for split in ("train", "test"):
             frame = pl.read_parquet(prepared / f"{split}.parquet")
-            rows = (_tensor(frame, dense_cols, np.float32, width=len(dense_cols)),
-                    _tensor(frame, sparse_cols, np.int64, width=len(sparse_cols)),
-                    _tensor(frame, ["label"], np.float32, width=1).reshape(-1))
-            splits[split] = (rows, _tensor(frame, ["user"], np.int64, width=1).reshape(-1))
+            splits[split] = (labelled_rows(frame, dense_cols, sparse_cols),
+                             frame_tensor(frame, ["user"], np.int64).reshape(-1))
         partition_facts: dict[str, float] = {}
         if self.partitioner is None:  # rows are stored sorted by user
             tables = {split: ClientTable.from_sorted(*rows, client_key=users)
@@ -356,10 +344,3 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
                                label_mean=label_mean if 0.0 < label_mean < 1.0 else None)
         return PreparedData(tables["train"], tables["test"], features, info)
 
-
-def _tensor(frame: pl.DataFrame, columns: list[str], dtype: type, width: int) -> torch.Tensor:
-    """Columns of a frame as one contiguous [N, width] tensor."""
-    if width == 0:
-        return torch.zeros((frame.height, 0), dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
-    array = frame.select(columns).to_numpy()
-    return torch.from_numpy(np.require(array, dtype, requirements=["C", "W"]))
