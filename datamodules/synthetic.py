@@ -28,6 +28,7 @@ import numpy as np
 import polars as pl
 
 from datamodules.click_model import sigmoid, solve_bias, standardized
+from datamodules.rank_auc import auc
 
 GENERATOR_VERSION = "taobao-synthetic-2"
 PIDS = ("430548_1007", "430539_1007")
@@ -192,23 +193,6 @@ def build_world(num_rows: int, seed: int = 0, model: ClickModel | None = None) -
     """The world `generate_taobao(..., num_rows, seed, model=model)` draws its rows from."""
     world_seq = np.random.SeedSequence(seed).spawn(3)[0]
     return _build_world(_Sizes.for_rows(num_rows), world_seq, model or ClickModel())
-
-
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Exact ROC AUC (ties count one half, via average ranks); NaN if a class is absent."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels).astype(bool)
-    positives = int(labels.sum())
-    negatives = len(labels) - positives
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="stable")
-    sorted_scores = scores[order]
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], len(scores)]
-    ranks = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # average 1-based ranks
-    rank_sum = ranks[labels[order]].sum()
-    return float((rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives))
 
 
 # --- the world ---------------------------------------------------------------------------------

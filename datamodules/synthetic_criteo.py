@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 
 from datamodules.click_model import sigmoid, solve_bias, standardized
-from datamodules.synthetic import auc
+from datamodules.rank_auc import auc
 
 GENERATOR_VERSION = "criteo-synthetic-2"
 TRAIN_FILE = "train.txt"

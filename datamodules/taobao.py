@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-import torch
 
 from datamodules.base import DataError, FeatureSpec, PreparedData
 from datamodules.cache import build_once, config_hash, fingerprint, generate_once
@@ -25,6 +24,7 @@ from datamodules.click_log import ClickLogDataModule
 from datamodules.clients import ClientTable, partition_splits
 from datamodules.csv_check import Rule, check_csv
 from datamodules.frame_tensors import frame_tensor, labelled_rows
+from datamodules.rank_auc import auc
 
 log = logging.getLogger("fltk.data")
 
@@ -88,12 +88,6 @@ def _checked_columns(path: Path) -> list[str]:
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {columns}")
     return columns
-
-
-def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    from recsys.metrics import auc  # local: recsys is heavier to import than datamodules
-
-    return auc(torch.from_numpy(scores), torch.from_numpy(labels))
 
 
 class TaobaoDataModule(ClickLogDataModule):
@@ -314,7 +308,7 @@ class TaobaoDataModule(ClickLogDataModule):
         labels = test["clk"].to_numpy().astype(np.float32)
         if labels.min(initial=1) == labels.max(initial=0):
             return None  # AUC undefined with one class
-        return _auc(test["rate"].to_numpy().astype(np.float32), labels)
+        return auc(test["rate"].to_numpy().astype(np.float32), labels)
 
     # ------------------------------------------------------------------ load
     def load(self) -> PreparedData:
