@@ -27,6 +27,7 @@ from datamodules.clients import partition_splits
 from datamodules.frame_tensors import labelled_rows
 from datamodules.synthetic_criteo import GENERATOR_VERSION, META_FILE, generate_criteo
 from datamodules.taobao import FIRST_VOCAB_INDEX, MISSING_INDEX, OOV_INDEX
+from datamodules.utf8_lines import non_utf8_line
 
 log = logging.getLogger("fltk.data")
 
@@ -151,7 +152,7 @@ class CriteoDataModule(ClickLogDataModule):
         try:
             _scan_lines(source, SCHEMA).sink_parquet(raw_path)
         except pl.exceptions.PolarsError as e:
-            reason = (CriteoDataModule._bad_integer(source)
+            reason = (non_utf8_line(source) or CriteoDataModule._bad_integer(source)
                       or "cannot parse as Criteo (label, 13 integers, 26 categories, "
                       f"tab-separated): {str(e).strip().splitlines()[0]}")
             raise DataError(f"{source}: {reason}") from e

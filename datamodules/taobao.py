@@ -73,8 +73,11 @@ DENSE_COLUMNS = ["price"]
 
 
 def _read_columns(path: Path) -> list[str]:
-    """The stripped header of a CSV (the real user_profile.csv ends in 'new_user_class_level ')."""
-    with path.open("r", encoding="utf-8", errors="replace") as f:
+    """The stripped header of a CSV (the real user_profile.csv ends in 'new_user_class_level ').
+
+    A UTF-8 byte-order mark (spreadsheet tools save one) is not part of the first name.
+    """
+    with path.open("r", encoding="utf-8-sig", errors="replace") as f:
         header = f.readline()
     if not header.strip():
         raise DataError(f"{path}: the file is empty; expected a header line")

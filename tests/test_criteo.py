@@ -171,6 +171,37 @@ def test_non_integer_names_its_line_and_column(criteo_dir, tmp_path, line, value
         _module(criteo_dir, tmp_path)
 
 
+def test_byte_order_mark_loads_like_the_plain_file(criteo_dir, tmp_path):
+    plain = _module(criteo_dir, tmp_path / "plain")
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    (marked / "train.txt").write_bytes(b"\xef\xbb\xbf" + (criteo_dir / "train.txt").read_bytes())
+    dm = _module(marked, tmp_path / "marked-cache")
+    for split in ("train", "test"):
+        for field in ("sparse", "dense", "label", "offsets", "client_ids"):
+            assert torch.equal(getattr(getattr(dm.data, split), field),
+                               getattr(getattr(plain.data, split), field)), (split, field)
+
+
+def test_a_byte_order_mark_after_the_first_line_is_still_a_bad_label(criteo_dir, tmp_path):
+    lines = list(LINES)
+    lines[2] = "\ufeff" + lines[2]
+    (criteo_dir / "train.txt").write_text("\n".join(lines))
+    with pytest.raises(DataError, match=r"train.txt: line 3: label '\\ufeff0' is not 0 or 1"):
+        _module(criteo_dir, tmp_path)
+
+
+def test_unreadable_bytes_name_the_line_in_one_line(criteo_dir, tmp_path):
+    lines = [line.encode() for line in LINES]
+    lines[4] = lines[4].replace(A.encode(), b"68fd\xe9e64")
+    (criteo_dir / "train.txt").write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError) as err:
+        _module(criteo_dir, tmp_path)
+    column = lines[4].index(b"\xe9")
+    assert str(err.value) == (f"{criteo_dir / 'train.txt'}: line 5 is not UTF-8 text "
+                              f"(byte 0xe9 at position {column + 1} of the line)")
+
+
 def test_missing_train_file(tmp_path):
     with pytest.raises(DataError, match=r"train.txt: file not found"):
         _module(tmp_path, tmp_path)
