@@ -31,7 +31,7 @@ from datamodules.utf8_lines import non_utf8_line
 
 log = logging.getLogger("fltk.data")
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 TRAIN_FILE = "train.txt"
 DENSE_COLUMNS = [f"I{i}" for i in range(1, 14)]
 SPARSE_COLUMNS = [f"C{i}" for i in range(1, 27)]
@@ -51,8 +51,13 @@ class CriteoDataModule(ClickLogDataModule):
             known oracle AUC, is generated (num_rows lines, from `seed`) under cache_dir.
         num_rows: lines of synthetic data to generate (ignored with data_dir).
         test_fraction: share of the lines, taken from the end of the file, held out as the test
-            split: line i (0-based) is train when i < (1 - test_fraction) * N.
-        min_count: in vocabulary mode, categories seen fewer times in train share the OOV index.
+            split: line i (0-based) comes before the test lines when i < (1 - test_fraction) * N.
+        validation_fraction: share of the M lines before the test lines, taken from their end,
+            held out as the validation split: line i is train when i < (1 -
+            validation_fraction) * M (0: none; the datamodule then validates on the test split).
+        min_count: in vocabulary mode, categories seen fewer times in train share the OOV index;
+            vocabularies come from the train lines only (unseen validation and test values
+            are OOV).
         num_embeddings_per_feature: 26 bucket counts (each >= 2) switching to hashing mode: a
             category's hex string read as an integer h maps to 1 + h % (size - 1), index 0
             staying for missing. No vocabulary is built; test values need no OOV index.
@@ -61,9 +66,10 @@ class CriteoDataModule(ClickLogDataModule):
         **kwargs: ClickLogDataModule's (num_clients, alpha, exponent, cache_dir) and
             CTRDataModule's (batch_size, eval_batch_size, min_client_samples, seed).
 
-    Test rows get their own draw of the same partition kind and num_clients (seed + 1, no
-    minimum size), so every client's per-client metrics have rows to work on; Criteo has no
-    identity linking a client's test rows to its train rows, so the two draws are independent.
+    Test and validation rows get their own draws of the same partition kind and num_clients
+    (seeds + 1 and + 2, no minimum size), so every client's per-client metrics have rows to work
+    on; Criteo has no identity linking a client's evaluation rows to its train rows, so the
+    draws are independent.
 
     Memory: parsing (text -> parquet), the vocabulary counts and the encoding of both splits run
     as streaming polars queries sunk to parquet, so the raw file is never held in memory at once.
@@ -80,6 +86,7 @@ class CriteoDataModule(ClickLogDataModule):
         data_dir: str | None = None,
         num_rows: int = 200_000,
         test_fraction: float = 0.1,
+        validation_fraction: float = 0.1,
         min_count: int = 1,
         num_embeddings_per_feature: list[int] | None = None,
         partition: str = "iid",
@@ -90,6 +97,9 @@ class CriteoDataModule(ClickLogDataModule):
             raise ValueError(f"data.num_rows must be >= 10, got {num_rows}")
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
+        if not 0.0 <= validation_fraction < 1.0:
+            raise ValueError(
+                f"data.validation_fraction must be in [0, 1), got {validation_fraction}")
         if min_count < 1:
             raise ValueError(f"data.min_count must be >= 1, got {min_count}")
         if num_embeddings_per_feature is not None:
@@ -105,6 +115,7 @@ class CriteoDataModule(ClickLogDataModule):
         self.data_dir = Path(data_dir) if data_dir else None
         self.num_rows = num_rows
         self.test_fraction = test_fraction
+        self.validation_fraction = validation_fraction
         self.min_count = min_count
         self.num_embeddings_per_feature = num_embeddings_per_feature
 
@@ -129,6 +140,7 @@ class CriteoDataModule(ClickLogDataModule):
         config = {
             "version": CACHE_VERSION,
             "test_fraction": self.test_fraction,
+            "validation_fraction": self.validation_fraction,
             "min_count": self.min_count,
             "num_embeddings_per_feature": self.num_embeddings_per_feature,
             "source": fingerprint(source),
@@ -210,24 +222,31 @@ class CriteoDataModule(ClickLogDataModule):
         log.info("data: parsing %s", source)
         raw = self._parse(source, out)
         num_rows = raw.select(pl.len()).collect().item()
-        # round() absorbs float noise such as (1 - 0.3) * 10 = 7.000000000000001
-        num_train = min(num_rows, math.ceil(round((1 - self.test_fraction) * num_rows, 9)))
-        is_train = pl.col(LINE) <= num_train
+        before_test = _leading_lines(1 - self.test_fraction, num_rows)
+        num_train = _leading_lines(1 - self.validation_fraction, before_test)
+        line = pl.col(LINE)
+        keep = {"train": line <= num_train}
+        if self.validation_fraction:
+            keep["validation"] = line.is_between(num_train, before_test, closed="right")
+        keep["test"] = line > before_test
         log.info("data: encoding %d categorical columns", len(SPARSE_COLUMNS))
-        encode, cardinalities = self._encoders(raw.filter(is_train))
+        encode, cardinalities = self._encoders(raw.filter(keep["train"]))
         dense = [pl.col(name).clip(lower_bound=0).cast(pl.Float64).log1p().fill_null(0.0)
                  .cast(pl.Float32).alias(name) for name in DENSE_COLUMNS]
         columns = [pl.col("label").cast(pl.Float32), *SPARSE_COLUMNS, *dense]
-        for split, keep in (("train", is_train), ("test", ~is_train)):
-            encode(raw.filter(keep)).select(columns).sink_parquet(out / f"{split}.parquet")
+        for split, rows in keep.items():
+            encode(raw.filter(rows)).select(columns).sink_parquet(out / f"{split}.parquet")
         (out / "raw.parquet").unlink()
         meta = {
             "source": str(source),
             "cardinalities": cardinalities,
             "hashed": self.num_embeddings_per_feature is not None,
+            "splits": list(keep),
             "rows_train": num_train,
-            "rows_test": num_rows - num_train,
+            "rows_test": num_rows - before_test,
         }
+        if self.validation_fraction:
+            meta["rows_validation"] = before_test - num_train
         synthetic = source.parent / META_FILE
         if synthetic.is_file():  # the oracle was scored on the generator's test split only
             planted = json.loads(synthetic.read_text())
@@ -241,7 +260,7 @@ class CriteoDataModule(ClickLogDataModule):
         meta = json.loads((prepared / "meta.json").read_text())
         info: dict[str, Any] = {k: meta[k] for k in ("source", "oracle_auc") if k in meta}
         splits = {}
-        for split in ("train", "test"):
+        for split in meta["splits"]:
             frame = pl.read_parquet(prepared / f"{split}.parquet")
             splits[split] = labelled_rows(frame, DENSE_COLUMNS, SPARSE_COLUMNS)
         tables, facts = partition_splits(self.partitioner, splits)
@@ -249,7 +268,14 @@ class CriteoDataModule(ClickLogDataModule):
         label_mean = float(tables["train"].label.mean())
         features = FeatureSpec(SPARSE_COLUMNS, meta["cardinalities"], DENSE_COLUMNS,
                                label_mean=label_mean if 0.0 < label_mean < 1.0 else None)
-        return PreparedData(tables["train"], tables["test"], features, info)
+        return PreparedData(tables["train"], tables["test"], features, info,
+                            validation=tables.get("validation"))
+
+
+def _leading_lines(share: float, total: int) -> int:
+    """How many of `total` lines have a 0-based index i < share * total."""
+    # round() absorbs float noise such as (1 - 0.3) * 10 = 7.000000000000001
+    return min(total, math.ceil(round(share * total, 9)))
 
 
 def _scan_lines(source: Path, schema: dict[str, type[pl.DataType]]) -> pl.LazyFrame:

@@ -5,8 +5,8 @@ achievable AUC is unknown, so a weak federated run cannot be told apart from a b
 writes the dataset's three CSV files (`raw_sample.csv`, `user_profile.csv`, `ad_feature.csv`) with
 the real headers, value ranges, missing values and cardinality ratios, from a planted click model
 whose true probabilities are known. `synthetic_meta.json` records the oracle AUC (the true
-probabilities on the test day) and a popularity baseline, so a CTR model trained on the first seven
-days can be scored against both.
+probabilities on the test day) and a popularity baseline, so a CTR model trained on the days before
+it can be scored against both.
 
 The click model is a factorization machine over the dataset's own columns: per-value effects of
 the profile columns, category, brand, customer, campaign and pid, plus a user x category affinity

@@ -1,9 +1,11 @@
-"""The Taobao "Ad Display/Click" dataset: three CSVs -> cached, encoded train/test splits.
+"""The Taobao "Ad Display/Click" dataset: three CSVs -> cached, encoded train/validation/test.
 
 Protocol of the literature for this dataset: the last day (2017-05-13, Beijing time) is the
-test split, the days before are train. Vocabularies come from the train split only; test ids
-never seen in train map to an OOV index, and missing values (empty profile levels, `NULL`
-brands, users absent from user_profile.csv) get an index of their own instead of a guess.
+test split, the days before are train. Settings are chosen on a validation split, the day(s)
+just before the test day, so that the test day is not tuned on. Vocabularies, price statistics
+and the popularity baseline come from the train split only; validation and test ids never seen
+in train map to an OOV index, and missing values (empty profile levels, `NULL` brands, users
+absent from user_profile.csv) get an index of their own instead of a guess.
 Malformed rows (wrong field count, an id or time stamp that is not an integer, a bad price or
 click flag) are never read as data: they stop preprocessing, or are dropped with `on_bad_rows`.
 """
@@ -28,7 +30,7 @@ from datamodules.rank_auc import auc
 
 log = logging.getLogger("fltk.data")
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 MISSING_INDEX = 0  # the value was absent in the raw data
 OOV_INDEX = 1  # the value was not in the train vocabulary (unseen or rarer than min_count)
 FIRST_VOCAB_INDEX = 2
@@ -106,6 +108,8 @@ class TaobaoDataModule(ClickLogDataModule):
         min_count: ids seen fewer times in train share the OOV index.
         utc_offset_hours: the time zone of the day boundaries (the dataset's days are Beijing time).
         test_days: number of last days held out as the test split.
+        validation_days: number of days just before the test days held out as the validation
+            split (0: none; the datamodule then validates on the test split).
         on_bad_rows: what a malformed row (wrong field count, a non-integer id or time stamp, a
             price that is not a number >= 0, a click flag that is not 0/1) does: `error` stops
             with the file, count and first line; `skip` drops such rows with one warning per
@@ -132,6 +136,7 @@ class TaobaoDataModule(ClickLogDataModule):
         min_count: int = 1,
         utc_offset_hours: int = 8,
         test_days: int = 1,
+        validation_days: int = 1,
         on_bad_rows: Literal["error", "skip"] = "error",
         partition: str = "user",
         **kwargs: Any,
@@ -153,6 +158,8 @@ class TaobaoDataModule(ClickLogDataModule):
             raise ValueError("data.sparse_features must name at least one feature")
         if min_count < 1 or test_days < 1 or num_rows < 1:
             raise ValueError("data.min_count, data.test_days and data.num_rows must be >= 1")
+        if validation_days < 0:
+            raise ValueError(f"data.validation_days must be >= 0, got {validation_days}")
         if on_bad_rows not in ("error", "skip"):
             raise ValueError(f"data.on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
         self.data_dir = Path(data_dir) if data_dir else None
@@ -160,6 +167,7 @@ class TaobaoDataModule(ClickLogDataModule):
         self.min_count = min_count
         self.utc_offset_hours = utc_offset_hours
         self.test_days = test_days
+        self.validation_days = validation_days
         self.on_bad_rows = on_bad_rows
 
     # ------------------------------------------------------------------ sources
@@ -187,6 +195,7 @@ class TaobaoDataModule(ClickLogDataModule):
             "min_count": self.min_count,
             "utc_offset_hours": self.utc_offset_hours,
             "test_days": self.test_days,
+            "validation_days": self.validation_days,
             "on_bad_rows": self.on_bad_rows,
             "sources": [fingerprint(source / n) for n in (RAW_SAMPLE, USER_PROFILE, AD_FEATURE)],
         }
@@ -243,8 +252,14 @@ class TaobaoDataModule(ClickLogDataModule):
         last_day = joined.select(pl.col("_day").max()).collect().item()
         if last_day is None:
             raise DataError(f"{source / RAW_SAMPLE}: no rows")
-        is_test = pl.col("_day") > last_day - self.test_days
-        train = joined.filter(~is_test)
+        test_start = last_day - self.test_days + 1
+        validation_start = test_start - self.validation_days
+        day = pl.col("_day")
+        keep = {"train": day < validation_start}
+        if self.validation_days:
+            keep["validation"] = day.is_between(validation_start, test_start, closed="left")
+        keep["test"] = day >= test_start
+        train = joined.filter(keep["train"])
 
         log.info("data: building train vocabularies for %d features", len(self.sparse_features))
         encoded, cardinalities = [], []
@@ -272,14 +287,14 @@ class TaobaoDataModule(ClickLogDataModule):
         columns = [pl.col("user"), pl.col("clk").cast(pl.Float32).alias("label"),
                    *encoded, *dense_exprs]
         counts = {}
-        for split, keep in (("train", ~is_test), ("test", is_test)):
+        for split, rows in keep.items():
             log.info("data: writing the %s split", split)
-            (joined.filter(keep).sort(["user", "time_stamp"], maintain_order=True)
+            (joined.filter(rows).sort(["user", "time_stamp"], maintain_order=True)
              .select(columns).sink_parquet(out / f"{split}.parquet"))
             written = pl.scan_parquet(out / f"{split}.parquet")
             counts[split] = written.select(pl.len()).collect().item()
 
-        baseline_auc = self._popularity_baseline(joined, is_test)
+        baseline_auc = self._popularity_baseline(train, joined.filter(keep["test"]))
         joined_path.unlink()
         meta: dict[str, Any] = {
             "source": str(source),
@@ -288,11 +303,13 @@ class TaobaoDataModule(ClickLogDataModule):
             "dense_features": self.dense_features,
             "price_log1p_mean": price_mean,
             "price_log1p_std": price_std,
-            "test_first_local_day": int(last_day - self.test_days + 1),
-            "rows_train": counts["train"],
-            "rows_test": counts["test"],
+            "splits": list(keep),
+            "test_first_local_day": int(test_start),
+            **{f"rows_{split}": count for split, count in counts.items()},
             "baseline_auc": baseline_auc,
         }
+        if self.validation_days:
+            meta["validation_first_local_day"] = int(validation_start)
         if self.on_bad_rows == "skip":
             meta["bad_rows_skipped"] = dict(zip(names, bad_rows, strict=True))
         synthetic = source / "synthetic_meta.json"
@@ -301,12 +318,11 @@ class TaobaoDataModule(ClickLogDataModule):
         return meta
 
     @staticmethod
-    def _popularity_baseline(joined: pl.LazyFrame, is_test: pl.Expr) -> float | None:
+    def _popularity_baseline(train: pl.LazyFrame, test: pl.LazyFrame) -> float | None:
         """AUC on the test rows of each ad's train click rate (the global rate for unseen ads)."""
-        train = joined.filter(~is_test)
         global_rate = train.select(pl.col("clk").mean()).collect().item()
         rates = train.group_by("adgroup_id").agg(pl.col("clk").mean().alias("rate"))
-        test = (joined.filter(is_test).join(rates, on="adgroup_id", how="left")
+        test = (test.join(rates, on="adgroup_id", how="left")
                 .select(pl.col("rate").fill_null(global_rate), "clk").collect())
         labels = test["clk"].to_numpy().astype(np.float32)
         if labels.min(initial=1) == labels.max(initial=0):
@@ -320,7 +336,7 @@ class TaobaoDataModule(ClickLogDataModule):
         sparse_cols = [f"s_{n}" for n in meta["sparse_features"]]
         dense_cols = [f"d_{n}" for n in meta["dense_features"]]
         splits = {}
-        for split in ("train", "test"):
+        for split in meta["splits"]:
             frame = pl.read_parquet(prepared / f"{split}.parquet")
             splits[split] = (labelled_rows(frame, dense_cols, sparse_cols),
                              frame_tensor(frame, ["user"], np.int64).reshape(-1))
@@ -339,5 +355,6 @@ class TaobaoDataModule(ClickLogDataModule):
         features = FeatureSpec(meta["sparse_features"], meta["cardinalities"],
                                meta["dense_features"],
                                label_mean=label_mean if 0.0 < label_mean < 1.0 else None)
-        return PreparedData(tables["train"], tables["test"], features, info)
+        return PreparedData(tables["train"], tables["test"], features, info,
+                            validation=tables.get("validation"))
 
