@@ -1,8 +1,9 @@
 """CTRDataModule: the Lightning face of a preprocessed click log.
 
-A subclass only says how to turn its raw files into two ClientTables (train and test) and a
-FeatureSpec; this base class owns what every dataset shares: the client filter, the seeded
-batch order, and loaders that slice the tables (no per-row Python, no collate of samples).
+A subclass only says how to turn its raw files into ClientTables (train, test and, if it has
+one, validation) and a FeatureSpec; this base class owns what every dataset shares: the client
+filter, the seeded batch order, and loaders that slice the tables (no per-row Python, no
+collate of samples).
 """
 
 from __future__ import annotations
@@ -53,12 +54,18 @@ class FeatureSpec:
 
 @dataclass
 class PreparedData:
-    """What `CTRDataModule.load` returns: both splits, their features, and facts for reports."""
+    """What `CTRDataModule.load` returns: the splits, their features, and facts for reports.
+
+    `validation` is the split for choosing settings (early stopping, learning rates), so the
+    test split is not tuned on; None: the datamodule has none. A keyword field, so plug-ins
+    returning `PreparedData(train, test, features, info)` need no change.
+    """
 
     train: ClientTable
     test: ClientTable
     features: FeatureSpec
     info: dict[str, Any] = field(default_factory=dict)
+    validation: ClientTable | None = field(default=None, kw_only=True)
 
 
 class _BatchSampler(Sampler[Tensor]):
@@ -124,7 +131,7 @@ class CTRDataModule(L.LightningDataModule):
 
     @abstractmethod
     def load(self) -> PreparedData:
-        """Preprocess (or read from cache) and return both splits."""
+        """Preprocess (or read from cache) and return the splits."""
 
     def setup(self, stage: str | None = None) -> None:
         if self._data is not None:
@@ -133,23 +140,28 @@ class CTRDataModule(L.LightningDataModule):
         before = data.train.num_clients
         train = data.train.drop_small_clients(self.min_client_samples)
         dropped = before - train.num_clients
+        num_validation = 0 if data.validation is None else data.validation.num_rows
         data.info.update(
             num_train=train.num_rows,
+            num_validation=num_validation,
             num_test=data.test.num_rows,
             num_clients=train.num_clients,
             dropped_clients=dropped,
         )
         log.info(
-            "data: %d train rows, %d test rows, %d clients (%d dropped with < %d rows)",
-            train.num_rows, data.test.num_rows, train.num_clients, dropped,
-            self.min_client_samples,
+            "data: %d train rows, %s, %d test rows, %d clients (%d dropped with < %d rows)",
+            train.num_rows,
+            "no validation split" if data.validation is None
+            else f"{num_validation} validation rows",
+            data.test.num_rows, train.num_clients, dropped, self.min_client_samples,
         )
-        if train.num_rows == 0 or data.test.num_rows == 0:
-            raise DataError(
-                f"no {'training' if train.num_rows == 0 else 'test'} rows left after "
-                f"preprocessing (min_client_samples={self.min_client_samples})"
-            )
-        self._data = PreparedData(train, data.test, data.features, data.info)
+        splits = (("training", train), ("validation", data.validation), ("test", data.test))
+        empty = [name for name, table in splits if table is not None and table.num_rows == 0]
+        if empty:
+            raise DataError(f"no {empty[0]} rows left after preprocessing "
+                            f"(min_client_samples={self.min_client_samples})")
+        self._data = PreparedData(train, data.test, data.features, data.info,
+                                  validation=data.validation)
 
     @property
     def data(self) -> PreparedData:
@@ -167,9 +179,13 @@ class CTRDataModule(L.LightningDataModule):
         return DataLoader(_TableRows(table, with_groups=False), sampler=sampler, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        table = self.data.test
-        sampler = _BatchSampler(table.num_rows, self.eval_batch_size, shuffle=False, seed=0)
-        return DataLoader(_TableRows(table, with_groups=True), sampler=sampler, batch_size=None)
+        """The validation split (the test split for a datamodule without one)."""
+        validation = self.data.validation
+        return self._eval_loader(self.data.test if validation is None else validation)
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return self._eval_loader(self.data.test)
+
+    def _eval_loader(self, table: ClientTable) -> DataLoader:
+        sampler = _BatchSampler(table.num_rows, self.eval_batch_size, shuffle=False, seed=0)
+        return DataLoader(_TableRows(table, with_groups=True), sampler=sampler, batch_size=None)

@@ -368,15 +368,17 @@ def config_partitioner(kind: str, num_clients: int, alpha: float, exponent: floa
 
 def partition_splits(partitioner: Partitioner, splits: dict[str, tuple[Tensor, Tensor, Tensor]]
                      ) -> tuple[dict[str, ClientTable], dict[str, float]]:
-    """ClientTables of the "train" and "test" splits' (dense, sparse, label) rows, and facts.
+    """ClientTables of the "train", "test" and (if given) "validation" splits' (dense, sparse,
+    label) rows, and facts.
 
-    Test rows get their own draw of the same partition (seed + 1, no minimum size), so every
-    client's per-client metrics have rows to work on: without a user id nothing links a
-    client's test rows to its train rows, so the two draws are independent. The facts are
-    `describe` of the train partition, keys prefixed `partition_`, and are logged.
+    Test and validation rows get their own draws of the same partition (seeds + 1 and + 2, no
+    minimum size), so every client's per-client metrics have rows to work on: without a user id
+    nothing links a client's evaluation rows to its train rows, so the draws are independent.
+    The facts are `describe` of the train partition, keys prefixed `partition_`, and are logged.
     """
-    draws = {"train": partitioner,
-             "test": dataclasses.replace(partitioner, seed=partitioner.seed + 1, min_size=0)}
+    draws = {"train": partitioner}
+    for offset, split in enumerate(("test", "validation"), start=1):
+        draws[split] = dataclasses.replace(partitioner, seed=partitioner.seed + offset, min_size=0)
     tables, facts = {}, {}
     for split, (dense, sparse, label) in splits.items():
         client_of_row = draws[split](label.numpy())

@@ -13,37 +13,37 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 
-from datamodules.base import CTRDataModule, DataError, FeatureSpec, PreparedData
-from datamodules.cache import PreparedCache, build_once, config_hash, fingerprint, generate_once
-from datamodules.clients import config_partitioner, partition_splits
+from datamodules.base import DataError, FeatureSpec, PreparedData
+from datamodules.cache import build_once, config_hash, fingerprint, generate_once
+from datamodules.click_log import ClickLogDataModule
+from datamodules.clients import partition_splits
+from datamodules.frame_tensors import labelled_rows
 from datamodules.synthetic_criteo import GENERATOR_VERSION, META_FILE, generate_criteo
-from datamodules.taobao import FIRST_VOCAB_INDEX, MISSING_INDEX, OOV_INDEX, _tensor
+from datamodules.taobao import FIRST_VOCAB_INDEX, MISSING_INDEX, OOV_INDEX
+from datamodules.utf8_lines import non_utf8_line
 
 log = logging.getLogger("fltk.data")
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 TRAIN_FILE = "train.txt"
 DENSE_COLUMNS = [f"I{i}" for i in range(1, 14)]
 SPARSE_COLUMNS = [f"C{i}" for i in range(1, 27)]
 # The label is read as text so that any value other than 0/1 can be reported with its line.
 SCHEMA = {"label": pl.String, **dict.fromkeys(DENSE_COLUMNS, pl.Int64),
           **dict.fromkeys(SPARSE_COLUMNS, pl.String)}
-PARTITIONS = ("iid", "dirichlet", "power_law")  # "key" needs a user id, which Criteo lacks
 LINE = "_line"  # 1-based line number of a row in train.txt
 INDEX = "_index"  # a vocabulary's index column while it is joined
 Encoder = Callable[[pl.LazyFrame], pl.LazyFrame]
 
 
-class CriteoDataModule(PreparedCache, CTRDataModule):
+class CriteoDataModule(ClickLogDataModule):
     """Criteo click log (real or synthetic), split by line order, clients from a partitioner.
 
     Args:
@@ -51,22 +51,25 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
             known oracle AUC, is generated (num_rows lines, from `seed`) under cache_dir.
         num_rows: lines of synthetic data to generate (ignored with data_dir).
         test_fraction: share of the lines, taken from the end of the file, held out as the test
-            split: line i (0-based) is train when i < (1 - test_fraction) * N.
-        min_count: in vocabulary mode, categories seen fewer times in train share the OOV index.
+            split: line i (0-based) comes before the test lines when i < (1 - test_fraction) * N.
+        validation_fraction: share of the M lines before the test lines, taken from their end,
+            held out as the validation split: line i is train when i < (1 -
+            validation_fraction) * M (0: none; the datamodule then validates on the test split).
+        min_count: in vocabulary mode, categories seen fewer times in train share the OOV index;
+            vocabularies come from the train lines only (unseen validation and test values
+            are OOV).
         num_embeddings_per_feature: 26 bucket counts (each >= 2) switching to hashing mode: a
             category's hex string read as an integer h maps to 1 + h % (size - 1), index 0
             staying for missing. No vocabulary is built; test values need no OOV index.
             Exclusive with a min_count other than 1.
-        partition: how rows are dealt to clients: `iid`, `dirichlet` (label skew, `alpha`) or
-            `power_law` (Zipf-like sizes, `exponent`); see datamodules.clients.
-        num_clients, alpha, exponent: passed to the Partitioner.
-        cache_dir: where generated data and the preprocessed parquet splits live.
-        batch_size, eval_batch_size, min_client_samples, seed: see CTRDataModule; `seed` also
-            seeds the partition.
+        partition: how rows are dealt to clients: `iid`, `dirichlet` or `power_law`.
+        **kwargs: ClickLogDataModule's (num_clients, alpha, exponent, cache_dir) and
+            CTRDataModule's (batch_size, eval_batch_size, min_client_samples, seed).
 
-    Test rows get their own draw of the same partition kind and num_clients (seed + 1, no
-    minimum size), so every client's per-client metrics have rows to work on; Criteo has no
-    identity linking a client's test rows to its train rows, so the two draws are independent.
+    Test and validation rows get their own draws of the same partition kind and num_clients
+    (seeds + 1 and + 2, no minimum size), so every client's per-client metrics have rows to work
+    on; Criteo has no identity linking a client's evaluation rows to its train rows, so the
+    draws are independent.
 
     Memory: parsing (text -> parquet), the vocabulary counts and the encoding of both splits run
     as streaming polars queries sunk to parquet, so the raw file is never held in memory at once.
@@ -76,28 +79,27 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
     `load`, so changing the partition reuses the cache.
     """
 
+    partitions = ("iid", "dirichlet", "power_law")  # "key" needs a user id, which Criteo lacks
+
     def __init__(
         self,
         data_dir: str | None = None,
         num_rows: int = 200_000,
         test_fraction: float = 0.1,
+        validation_fraction: float = 0.1,
         min_count: int = 1,
         num_embeddings_per_feature: list[int] | None = None,
         partition: str = "iid",
-        num_clients: int = 1000,
-        alpha: float = 0.5,
-        exponent: float = 1.0,
-        cache_dir: str | None = None,
-        batch_size: int = 256,
-        eval_batch_size: int = 65536,
-        min_client_samples: int = 1,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, min_client_samples, seed)
+        super().__init__(partition, **kwargs)
         if num_rows < 10:
             raise ValueError(f"data.num_rows must be >= 10, got {num_rows}")
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
+        if not 0.0 <= validation_fraction < 1.0:
+            raise ValueError(
+                f"data.validation_fraction must be in [0, 1), got {validation_fraction}")
         if min_count < 1:
             raise ValueError(f"data.min_count must be >= 1, got {min_count}")
         if num_embeddings_per_feature is not None:
@@ -110,15 +112,12 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
                 raise ValueError("data.min_count and data.num_embeddings_per_feature exclude "
                                  "each other (hash buckets have no vocabulary to prune)")
             num_embeddings_per_feature = sizes
-        self.partitioner = config_partitioner(partition, num_clients, alpha, exponent, seed,
-                                              PARTITIONS)
         self.data_dir = Path(data_dir) if data_dir else None
         self.num_rows = num_rows
         self.test_fraction = test_fraction
+        self.validation_fraction = validation_fraction
         self.min_count = min_count
         self.num_embeddings_per_feature = num_embeddings_per_feature
-        self.cache_dir = Path(cache_dir or os.environ.get("FLTK_CACHE")
-                              or Path.home() / ".cache" / "fltk")
 
     # ------------------------------------------------------------------ prepare
     def source(self) -> Path:
@@ -141,6 +140,7 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         config = {
             "version": CACHE_VERSION,
             "test_fraction": self.test_fraction,
+            "validation_fraction": self.validation_fraction,
             "min_count": self.min_count,
             "num_embeddings_per_feature": self.num_embeddings_per_feature,
             "source": fingerprint(source),
@@ -164,7 +164,7 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         try:
             _scan_lines(source, SCHEMA).sink_parquet(raw_path)
         except pl.exceptions.PolarsError as e:
-            reason = (CriteoDataModule._bad_integer(source)
+            reason = (non_utf8_line(source) or CriteoDataModule._bad_integer(source)
                       or "cannot parse as Criteo (label, 13 integers, 26 categories, "
                       f"tab-separated): {str(e).strip().splitlines()[0]}")
             raise DataError(f"{source}: {reason}") from e
@@ -222,24 +222,31 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         log.info("data: parsing %s", source)
         raw = self._parse(source, out)
         num_rows = raw.select(pl.len()).collect().item()
-        # round() absorbs float noise such as (1 - 0.3) * 10 = 7.000000000000001
-        num_train = min(num_rows, math.ceil(round((1 - self.test_fraction) * num_rows, 9)))
-        is_train = pl.col(LINE) <= num_train
+        before_test = _leading_lines(1 - self.test_fraction, num_rows)
+        num_train = _leading_lines(1 - self.validation_fraction, before_test)
+        line = pl.col(LINE)
+        keep = {"train": line <= num_train}
+        if self.validation_fraction:
+            keep["validation"] = line.is_between(num_train, before_test, closed="right")
+        keep["test"] = line > before_test
         log.info("data: encoding %d categorical columns", len(SPARSE_COLUMNS))
-        encode, cardinalities = self._encoders(raw.filter(is_train))
+        encode, cardinalities = self._encoders(raw.filter(keep["train"]))
         dense = [pl.col(name).clip(lower_bound=0).cast(pl.Float64).log1p().fill_null(0.0)
                  .cast(pl.Float32).alias(name) for name in DENSE_COLUMNS]
         columns = [pl.col("label").cast(pl.Float32), *SPARSE_COLUMNS, *dense]
-        for split, keep in (("train", is_train), ("test", ~is_train)):
-            encode(raw.filter(keep)).select(columns).sink_parquet(out / f"{split}.parquet")
+        for split, rows in keep.items():
+            encode(raw.filter(rows)).select(columns).sink_parquet(out / f"{split}.parquet")
         (out / "raw.parquet").unlink()
         meta = {
             "source": str(source),
             "cardinalities": cardinalities,
             "hashed": self.num_embeddings_per_feature is not None,
+            "splits": list(keep),
             "rows_train": num_train,
-            "rows_test": num_rows - num_train,
+            "rows_test": num_rows - before_test,
         }
+        if self.validation_fraction:
+            meta["rows_validation"] = before_test - num_train
         synthetic = source.parent / META_FILE
         if synthetic.is_file():  # the oracle was scored on the generator's test split only
             planted = json.loads(synthetic.read_text())
@@ -253,17 +260,22 @@ class CriteoDataModule(PreparedCache, CTRDataModule):
         meta = json.loads((prepared / "meta.json").read_text())
         info: dict[str, Any] = {k: meta[k] for k in ("source", "oracle_auc") if k in meta}
         splits = {}
-        for split in ("train", "test"):
+        for split in meta["splits"]:
             frame = pl.read_parquet(prepared / f"{split}.parquet")
-            splits[split] = (_tensor(frame, DENSE_COLUMNS, np.float32, width=len(DENSE_COLUMNS)),
-                             _tensor(frame, SPARSE_COLUMNS, np.int64, width=len(SPARSE_COLUMNS)),
-                             _tensor(frame, ["label"], np.float32, width=1).reshape(-1))
+            splits[split] = labelled_rows(frame, DENSE_COLUMNS, SPARSE_COLUMNS)
         tables, facts = partition_splits(self.partitioner, splits)
         info.update(facts)
         label_mean = float(tables["train"].label.mean())
         features = FeatureSpec(SPARSE_COLUMNS, meta["cardinalities"], DENSE_COLUMNS,
                                label_mean=label_mean if 0.0 < label_mean < 1.0 else None)
-        return PreparedData(tables["train"], tables["test"], features, info)
+        return PreparedData(tables["train"], tables["test"], features, info,
+                            validation=tables.get("validation"))
+
+
+def _leading_lines(share: float, total: int) -> int:
+    """How many of `total` lines have a 0-based index i < share * total."""
+    # round() absorbs float noise such as (1 - 0.3) * 10 = 7.000000000000001
+    return min(total, math.ceil(round(share * total, 9)))
 
 
 def _scan_lines(source: Path, schema: dict[str, type[pl.DataType]]) -> pl.LazyFrame:

@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from datamodules.base import DataError
+from datamodules.utf8_lines import non_utf8_line
 
 MISSING_TOKENS = ["", "NULL"]  # what a column that allows missing values may hold instead
 BLANK = " \t"  # stripped around every field and used to recognise blank lines
@@ -86,7 +87,8 @@ def check_csv(path: Path, header: list[str], rules: dict[str, Rule], parquet: Pa
         rows.sink_parquet(parquet, compression="lz4")  # a scratch file: speed over size
     except pl.exceptions.ComputeError as err:  # e.g. bytes that are not UTF-8
         detail = (str(err).splitlines() or [type(err).__name__])[0]
-        raise DataError(f"{path}: could not be read ({detail})") from err
+        raise DataError(f"{path}: {non_utf8_line(path) or f'could not be read ({detail})'}"
+                        ) from err
     summary = (pl.scan_parquet(parquet).filter(pl.col("_problem").is_not_null())
                .select(pl.len().alias("count"), pl.col("_line", "_problem", "_bad_text").first())
                .collect().row(0, named=True))

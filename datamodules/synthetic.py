@@ -5,8 +5,8 @@ achievable AUC is unknown, so a weak federated run cannot be told apart from a b
 writes the dataset's three CSV files (`raw_sample.csv`, `user_profile.csv`, `ad_feature.csv`) with
 the real headers, value ranges, missing values and cardinality ratios, from a planted click model
 whose true probabilities are known. `synthetic_meta.json` records the oracle AUC (the true
-probabilities on the test day) and a popularity baseline, so a CTR model trained on the first seven
-days can be scored against both.
+probabilities on the test day) and a popularity baseline, so a CTR model trained on the days before
+it can be scored against both.
 
 The click model is a factorization machine over the dataset's own columns: per-value effects of
 the profile columns, category, brand, customer, campaign and pid, plus a user x category affinity
@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+from datamodules.click_model import sigmoid, solve_bias, standardized
+from datamodules.rank_auc import auc
 
 GENERATOR_VERSION = "taobao-synthetic-2"
 PIDS = ("430548_1007", "430539_1007")
@@ -152,7 +155,7 @@ class TaobaoWorld:
 
     def probability(self, user: np.ndarray, ad: np.ndarray, pid: np.ndarray) -> np.ndarray:
         """True click probability from user, ad and pid indices."""
-        return _sigmoid(self.bias + self._score(user, ad, pid))
+        return sigmoid(self.bias + self._score(user, ad, pid))
 
     def _score(self, user: np.ndarray, ad: np.ndarray, pid: np.ndarray) -> np.ndarray:
         affinity = np.einsum(
@@ -192,23 +195,6 @@ def build_world(num_rows: int, seed: int = 0, model: ClickModel | None = None) -
     return _build_world(_Sizes.for_rows(num_rows), world_seq, model or ClickModel())
 
 
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Exact ROC AUC (ties count one half, via average ranks); NaN if a class is absent."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels).astype(bool)
-    positives = int(labels.sum())
-    negatives = len(labels) - positives
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="stable")
-    sorted_scores = scores[order]
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], len(scores)]
-    ranks = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # average 1-based ranks
-    rank_sum = ranks[labels[order]].sum()
-    return float((rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives))
-
-
 # --- the world ---------------------------------------------------------------------------------
 
 
@@ -235,7 +221,7 @@ def _build_world(sizes: _Sizes, seq: np.random.SeedSequence, model: ClickModel) 
         pid_logit=np.array([1.0, -1.0]) * model.pid_effect,
         bias=0.0,
     )
-    return replace(world, bias=_solve_bias(world, sizes, calibration_rng, model.click_rate))
+    return replace(world, bias=_calibrated_bias(world, sizes, calibration_rng, model.click_rate))
 
 
 def _draw_profiles(rng: np.random.Generator, users: int) -> dict[str, np.ndarray]:
@@ -260,9 +246,9 @@ def _user_parameters(rng: np.random.Generator, profile: dict[str, np.ndarray],
     for name, (main_weight, latent_weight) in _PROFILE_WEIGHTS.items():
         codes = profile[name]
         values = codes.max() + 1
-        effect = _standardized(rng.normal(0.0, 1.0, values), codes, main_weight / main_norm)
-        latent = _standardized(rng.normal(0.0, 1.0, (values, dim)), codes,
-                               latent_weight / latent_norm)
+        effect = standardized(rng.normal(0.0, 1.0, values), codes, main_weight / main_norm)
+        latent = standardized(rng.normal(0.0, 1.0, (values, dim)), codes,
+                              latent_weight / latent_norm)
         logit += model.profile_effect * effect[codes]
         vector += latent[codes]
     return logit, vector * model.affinity
@@ -296,8 +282,8 @@ def _ad_parameters(rng: np.random.Generator, ads: dict[str, np.ndarray], sizes: 
     """Ad logit offsets (category, brand, customer, campaign, ad) and category vectors."""
     brand_effect = np.r_[rng.normal(0.0, model.brand_effect, sizes.brands), 0.0]  # [-1]: NULL
     category = ads["category"]
-    category_effect = _standardized(rng.normal(0.0, 1.0, sizes.categories), category,
-                                    model.category_effect)
+    category_effect = standardized(rng.normal(0.0, 1.0, sizes.categories), category,
+                                   model.category_effect)
     logit = (
         category_effect[category]
         + brand_effect[ads["brand"]]
@@ -306,7 +292,7 @@ def _ad_parameters(rng: np.random.Generator, ads: dict[str, np.ndarray], sizes: 
         + rng.normal(0.0, model.ad_effect, sizes.ads)
     )
     vector = rng.normal(0.0, 1.0, (sizes.categories, model.latent_dim))
-    return logit, _standardized(vector, category, np.sqrt(model.latent_dim))
+    return logit, standardized(vector, category, np.sqrt(model.latent_dim))
 
 
 def _ad_attributes(rng: np.random.Generator, ads: dict[str, np.ndarray],
@@ -342,20 +328,15 @@ def _profile_mask(rng: np.random.Generator, users: int) -> np.ndarray:
     return mask
 
 
-def _solve_bias(world: TaobaoWorld, sizes: _Sizes, rng: np.random.Generator,
-                click_rate: float, samples: int = 1 << 17) -> float:
-    """Bias giving the target mean click probability over impressions (bisection on a sample)."""
+def _calibrated_bias(world: TaobaoWorld, sizes: _Sizes, rng: np.random.Generator,
+                     click_rate: float, samples: int = 1 << 17) -> float:
+    """Bias giving the target mean click probability over impressions (solved on a sample)."""
     user = _sample(rng, _MIN_USER_ROWS + world.user_activity / world.user_activity.mean()
                    * (sizes.rows / sizes.users - _MIN_USER_ROWS), samples)
     ad = _sample(rng, 1 + world.ad_popularity / world.ad_popularity.mean()
                  * (sizes.rows / sizes.ads - 1), samples)
     pid = (rng.random(samples) >= _PID_PROBS[0]).astype(np.int64)
-    score = world._score(user, ad, pid)
-    low, high = -20.0, 20.0
-    for _ in range(60):
-        mid = (low + high) / 2.0
-        low, high = (mid, high) if _sigmoid(mid + score).mean() < click_rate else (low, mid)
-    return (low + high) / 2.0
+    return solve_bias(world._score(user, ad, pid), click_rate)
 
 
 # --- the rows ----------------------------------------------------------------------------------
@@ -520,18 +501,6 @@ def _distinct_ids(rng: np.random.Generator, count: int, real_max: int) -> np.nda
     return np.sort(rng.choice(high, count, replace=False)).astype(np.int64) + 1
 
 
-def _standardized(table: np.ndarray, codes: np.ndarray, scale: float) -> np.ndarray:
-    """Per-value `table` shifted and scaled so that `table[codes]` has mean 0 and RMS norm `scale`.
-
-    Fixes the realised strength of an effect drawn over few values (gender has two), so that
-    seeds give comparable oracle AUCs.
-    """
-    values = table[codes]
-    centered = table - values.mean(axis=0)
-    rms = np.sqrt(np.mean(np.square(centered[codes]).reshape(len(codes), -1).sum(axis=1)))
-    return centered * (scale / rms) if rms > 0 else centered
-
-
 def _cover(rng: np.random.Generator, items: int, weights: np.ndarray) -> np.ndarray:
     """Group of each item: every group used once (while items last), the rest by weight."""
     groups = len(weights)
@@ -556,10 +525,6 @@ def _positions(sorted_ids: np.ndarray, ids: np.ndarray, name: str) -> np.ndarray
     if (sorted_ids[index] != ids).any():
         raise ValueError(f"unknown {name} id(s) for this world")
     return index
-
-
-def _sigmoid(x: np.ndarray | float) -> np.ndarray:
-    return np.exp(-np.logaddexp(0.0, -np.asarray(x)))
 
 
 def _json_float(value: float) -> float | None:

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from datamodules.synthetic import _sigmoid, _standardized, auc
+from datamodules.click_model import sigmoid, solve_bias, standardized
+from datamodules.rank_auc import auc
 
 GENERATOR_VERSION = "criteo-synthetic-2"
 TRAIN_FILE = "train.txt"
@@ -54,24 +55,25 @@ class _Sparse:
     effect: float
 
 
-# C1..C26. Only the last three may be missing at the line's end, so a stripped line keeps
-# 37..40 fields, as in the real file. High-cardinality columns get small effects: most of their
-# values are seen a handful of times, and a large planted effect there could not be learned.
-_SPARSE = (
-    _Sparse(1_000, 1.2, 0.0, 0.30), _Sparse(500, 1.1, 0.0, 0.25),
-    _Sparse(50_000, 1.0, 0.03, 0.10), _Sparse(20_000, 1.0, 0.03, 0.10),
-    _Sparse(200, 1.2, 0.0, 0.35), _Sparse(12, 1.0, 0.12, 0.30),
-    _Sparse(8_000, 1.1, 0.0, 0.20), _Sparse(400, 1.3, 0.0, 0.20),
-    _Sparse(10, 1.5, 0.0, 0.15), _Sparse(15_000, 1.0, 0.0, 0.10),
-    _Sparse(3_000, 1.1, 0.0, 0.25), _Sparse(40_000, 1.0, 0.03, 0.10),
-    _Sparse(2_500, 1.1, 0.0, 0.20), _Sparse(25, 1.2, 0.0, 0.35),
-    _Sparse(6_000, 1.1, 0.0, 0.20), _Sparse(30_000, 1.0, 0.03, 0.10),
-    _Sparse(10, 1.0, 0.0, 0.30), _Sparse(3_000, 1.1, 0.0, 0.20),
-    _Sparse(1_500, 1.2, 0.44, 0.20), _Sparse(10, 1.0, 0.44, 0.20),
-    _Sparse(35_000, 1.0, 0.03, 0.10), _Sparse(15, 1.3, 0.76, 0.15),
-    _Sparse(15, 1.2, 0.0, 0.25), _Sparse(10_000, 1.1, 0.0, 0.15),
-    _Sparse(80, 1.2, 0.44, 0.25), _Sparse(8_000, 1.1, 0.44, 0.15),
-)
+# C1..C26: each tuple below is one parameter, its i-th entry for column C(i+1). Only the last
+# three may be missing at the line's end, so a stripped line keeps 37..40 fields, as in the real
+# file. High-cardinality columns get small effects: most of their values are seen a handful of
+# times, and a large planted effect there could not be learned.
+_SPARSE = tuple(_Sparse(*feature) for feature in zip(
+    # size: vocabulary size at _REFERENCE_ROWS rows
+    (1_000, 500, 50_000, 20_000, 200, 12, 8_000, 400, 10, 15_000, 3_000, 40_000, 2_500, 25,
+     6_000, 30_000, 10, 3_000, 1_500, 10, 35_000, 15, 15, 10_000, 80, 8_000),
+    # zipf: exponent of the value shares
+    (1.2, 1.1, 1.0, 1.0, 1.2, 1.0, 1.1, 1.3, 1.5, 1.0, 1.1, 1.0, 1.1, 1.2, 1.1, 1.0, 1.0, 1.1,
+     1.2, 1.0, 1.0, 1.3, 1.2, 1.1, 1.2, 1.1),
+    # missing: share of rows without a value
+    (0.0, 0.0, 0.03, 0.03, 0.0, 0.12, 0.0, 0.0, 0.0, 0.0, 0.0, 0.03, 0.0, 0.0, 0.0, 0.03, 0.0,
+     0.0, 0.44, 0.44, 0.03, 0.76, 0.0, 0.0, 0.44, 0.44),
+    # effect: RMS of the per-value effects on the logit scale
+    (0.30, 0.25, 0.10, 0.10, 0.35, 0.30, 0.20, 0.20, 0.15, 0.10, 0.25, 0.10, 0.20, 0.35, 0.20,
+     0.10, 0.30, 0.20, 0.20, 0.20, 0.10, 0.15, 0.25, 0.15, 0.25, 0.15),
+    strict=True,
+))
 # I1..I13: mean and sd of the log count, missing rate, and weight of log1p(count) in the logit.
 _DENSE = (
     (0.8, 1.2, 0.45, 0.20), (2.0, 1.5, 0.0, -0.10), (2.2, 1.3, 0.21, 0.10),
@@ -100,8 +102,8 @@ def generate_criteo(out_dir: str | Path, num_rows: int = 200_000, seed: int = 0)
     counts, dense_logit = _draw_dense(rng, num_rows)
     interaction = sum(_interaction(rng, codes[a], codes[b]) for a, b in _PAIRS)
     score = main + dense_logit + interaction
-    bias = _solve_bias(score, CLICK_RATE)
-    probability = _sigmoid(bias + score)
+    bias = solve_bias(score, CLICK_RATE)
+    probability = sigmoid(bias + score)
     label = (rng.random(num_rows) < probability).astype(np.int8)
     _write(out / TRAIN_FILE, label, counts, codes, rng)
 
@@ -142,7 +144,7 @@ def _value_table(rng: np.random.Generator, codes: np.ndarray, rms: float) -> np.
     """
     size = int(codes.max(initial=0)) + 1
     raw = rng.normal(0.0, 1.0, size) * _shrinkage(codes, size)
-    return np.r_[_standardized(raw, codes[codes >= 0], rms), 0.0]
+    return np.r_[standardized(raw, codes[codes >= 0], rms), 0.0]
 
 
 def _shrinkage(codes: np.ndarray, size: int) -> np.ndarray:
@@ -179,15 +181,6 @@ def _interaction(rng: np.random.Generator, left: np.ndarray, right: np.ndarray) 
         vectors.append(np.r_[table, np.zeros((1, _INTERACTION_DIM))][codes])
     dot = np.einsum("ij,ij->i", *vectors)
     return dot * (_INTERACTION_SCALE / max(float(dot.std()), 1e-12))
-
-
-def _solve_bias(score: np.ndarray, click_rate: float) -> float:
-    """Bias giving the target mean click probability over the rows (bisection)."""
-    low, high = -20.0, 20.0
-    for _ in range(60):
-        mid = (low + high) / 2.0
-        low, high = (mid, high) if _sigmoid(mid + score).mean() < click_rate else (low, mid)
-    return (low + high) / 2.0
 
 
 _HEX_PAIRS = np.array([f"{b:02x}" for b in range(256)], dtype="S2").view(np.uint8).reshape(256, 2)

@@ -1,9 +1,11 @@
-"""The Taobao "Ad Display/Click" dataset: three CSVs -> cached, encoded train/test splits.
+"""The Taobao "Ad Display/Click" dataset: three CSVs -> cached, encoded train/validation/test.
 
 Protocol of the literature for this dataset: the last day (2017-05-13, Beijing time) is the
-test split, the days before are train. Vocabularies come from the train split only; test ids
-never seen in train map to an OOV index, and missing values (empty profile levels, `NULL`
-brands, users absent from user_profile.csv) get an index of their own instead of a guess.
+test split, the days before are train. Settings are chosen on a validation split, the day(s)
+just before the test day, so that the test day is not tuned on. Vocabularies, price statistics
+and the popularity baseline come from the train split only; validation and test ids never seen
+in train map to an OOV index, and missing values (empty profile levels, `NULL` brands, users
+absent from user_profile.csv) get an index of their own instead of a guess.
 Malformed rows (wrong field count, an id or time stamp that is not an integer, a bad price or
 click flag) are never read as data: they stop preprocessing, or are dropped with `on_bad_rows`.
 """
@@ -12,22 +14,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-import torch
 
-from datamodules.base import CTRDataModule, DataError, FeatureSpec, PreparedData
-from datamodules.cache import PreparedCache, build_once, config_hash, fingerprint, generate_once
-from datamodules.clients import ClientTable, config_partitioner, partition_splits
+from datamodules.base import DataError, FeatureSpec, PreparedData
+from datamodules.cache import build_once, config_hash, fingerprint, generate_once
+from datamodules.click_log import ClickLogDataModule
+from datamodules.clients import ClientTable, partition_splits
 from datamodules.csv_check import Rule, check_csv
+from datamodules.frame_tensors import frame_tensor, labelled_rows
+from datamodules.rank_auc import auc
 
 log = logging.getLogger("fltk.data")
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 MISSING_INDEX = 0  # the value was absent in the raw data
 OOV_INDEX = 1  # the value was not in the train vocabulary (unseen or rarer than min_count)
 FIRST_VOCAB_INDEX = 2
@@ -69,13 +72,14 @@ CATEGORICAL_COLUMNS = [
 ]
 DERIVED_SPARSE = ["hour"]  # hour of day (local time); the raw Unix time is never an input
 DENSE_COLUMNS = ["price"]
-# "user": the natural split; the others deal rows to synthetic clients (datamodules.clients)
-PARTITIONS = ("user", "iid", "dirichlet", "power_law")
 
 
 def _read_columns(path: Path) -> list[str]:
-    """The stripped header of a CSV (the real user_profile.csv ends in 'new_user_class_level ')."""
-    with path.open("r", encoding="utf-8", errors="replace") as f:
+    """The stripped header of a CSV (the real user_profile.csv ends in 'new_user_class_level ').
+
+    A UTF-8 byte-order mark (spreadsheet tools save one) is not part of the first name.
+    """
+    with path.open("r", encoding="utf-8-sig", errors="replace") as f:
         header = f.readline()
     if not header.strip():
         raise DataError(f"{path}: the file is empty; expected a header line")
@@ -91,13 +95,7 @@ def _checked_columns(path: Path) -> list[str]:
     return columns
 
 
-def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    from recsys.metrics import auc  # local: recsys is heavier to import than datamodules
-
-    return auc(torch.from_numpy(scores), torch.from_numpy(labels))
-
-
-class TaobaoDataModule(PreparedCache, CTRDataModule):
+class TaobaoDataModule(ClickLogDataModule):
     """Taobao Ad Display/Click data: real (data_dir) or synthetic (generated without data_dir).
 
     Args:
@@ -110,6 +108,8 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
         min_count: ids seen fewer times in train share the OOV index.
         utc_offset_hours: the time zone of the day boundaries (the dataset's days are Beijing time).
         test_days: number of last days held out as the test split.
+        validation_days: number of days just before the test days held out as the validation
+            split (0: none; the datamodule then validates on the test split).
         on_bad_rows: what a malformed row (wrong field count, a non-integer id or time stamp, a
             price that is not a number >= 0, a click flag that is not 0/1) does: `error` stops
             with the file, count and first line; `skip` drops such rows with one warning per
@@ -117,13 +117,15 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
             `NULL` brands are missing values, not malformed.
         partition: `user` (default): every user is a client, its train and test rows together.
             `iid`, `dirichlet` or `power_law`: rows are dealt to `num_clients` synthetic clients
-            by a Partitioner (`alpha`, `exponent`; seeded by `seed`; see
-            datamodules.clients), to study a skew the natural split does not have. Applied
-            when the cache is loaded, so changing it does not preprocess again.
-        num_clients, alpha, exponent: passed to the Partitioner (ignored for `user`).
-        cache_dir: where generated data and preprocessed parquet caches live.
-        batch_size, eval_batch_size, min_client_samples, seed: see CTRDataModule.
+            by a Partitioner, to study a skew the natural split does not have. Applied when
+            the cache is loaded, so changing it does not preprocess again.
+        **kwargs: ClickLogDataModule's (num_clients, alpha, exponent, cache_dir) and
+            CTRDataModule's (batch_size, eval_batch_size, min_client_samples, seed).
     """
+
+    # "user": the natural split; the others deal rows to synthetic clients (datamodules.clients)
+    partitions = ("user", "iid", "dirichlet", "power_law")
+    natural_partition = "user"
 
     def __init__(
         self,
@@ -134,18 +136,12 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
         min_count: int = 1,
         utc_offset_hours: int = 8,
         test_days: int = 1,
+        validation_days: int = 1,
         on_bad_rows: Literal["error", "skip"] = "error",
         partition: str = "user",
-        num_clients: int = 1000,
-        alpha: float = 0.5,
-        exponent: float = 1.0,
-        cache_dir: str | None = None,
-        batch_size: int = 256,
-        eval_batch_size: int = 65536,
-        min_client_samples: int = 1,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, min_client_samples, seed)
+        super().__init__(partition, **kwargs)
         self.sparse_features = list(CATEGORICAL_COLUMNS if sparse_features is None
                                     else sparse_features)
         self.dense_features = list(DENSE_COLUMNS if dense_features is None else dense_features)
@@ -162,18 +158,17 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
             raise ValueError("data.sparse_features must name at least one feature")
         if min_count < 1 or test_days < 1 or num_rows < 1:
             raise ValueError("data.min_count, data.test_days and data.num_rows must be >= 1")
+        if validation_days < 0:
+            raise ValueError(f"data.validation_days must be >= 0, got {validation_days}")
         if on_bad_rows not in ("error", "skip"):
             raise ValueError(f"data.on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
-        self.partitioner = (None if partition == "user" else config_partitioner(
-            partition, num_clients, alpha, exponent, seed, PARTITIONS))
         self.data_dir = Path(data_dir) if data_dir else None
         self.num_rows = num_rows
         self.min_count = min_count
         self.utc_offset_hours = utc_offset_hours
         self.test_days = test_days
+        self.validation_days = validation_days
         self.on_bad_rows = on_bad_rows
-        self.cache_dir = Path(cache_dir or os.environ.get("FLTK_CACHE")
-                              or Path.home() / ".cache" / "fltk")
 
     # ------------------------------------------------------------------ sources
     def source_dir(self) -> Path:
@@ -200,6 +195,7 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
             "min_count": self.min_count,
             "utc_offset_hours": self.utc_offset_hours,
             "test_days": self.test_days,
+            "validation_days": self.validation_days,
             "on_bad_rows": self.on_bad_rows,
             "sources": [fingerprint(source / n) for n in (RAW_SAMPLE, USER_PROFILE, AD_FEATURE)],
         }
@@ -256,8 +252,14 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
         last_day = joined.select(pl.col("_day").max()).collect().item()
         if last_day is None:
             raise DataError(f"{source / RAW_SAMPLE}: no rows")
-        is_test = pl.col("_day") > last_day - self.test_days
-        train = joined.filter(~is_test)
+        test_start = last_day - self.test_days + 1
+        validation_start = test_start - self.validation_days
+        day = pl.col("_day")
+        keep = {"train": day < validation_start}
+        if self.validation_days:
+            keep["validation"] = day.is_between(validation_start, test_start, closed="left")
+        keep["test"] = day >= test_start
+        train = joined.filter(keep["train"])
 
         log.info("data: building train vocabularies for %d features", len(self.sparse_features))
         encoded, cardinalities = [], []
@@ -285,14 +287,14 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
         columns = [pl.col("user"), pl.col("clk").cast(pl.Float32).alias("label"),
                    *encoded, *dense_exprs]
         counts = {}
-        for split, keep in (("train", ~is_test), ("test", is_test)):
+        for split, rows in keep.items():
             log.info("data: writing the %s split", split)
-            (joined.filter(keep).sort(["user", "time_stamp"], maintain_order=True)
+            (joined.filter(rows).sort(["user", "time_stamp"], maintain_order=True)
              .select(columns).sink_parquet(out / f"{split}.parquet"))
             written = pl.scan_parquet(out / f"{split}.parquet")
             counts[split] = written.select(pl.len()).collect().item()
 
-        baseline_auc = self._popularity_baseline(joined, is_test)
+        baseline_auc = self._popularity_baseline(train, joined.filter(keep["test"]))
         joined_path.unlink()
         meta: dict[str, Any] = {
             "source": str(source),
@@ -301,11 +303,13 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
             "dense_features": self.dense_features,
             "price_log1p_mean": price_mean,
             "price_log1p_std": price_std,
-            "test_first_local_day": int(last_day - self.test_days + 1),
-            "rows_train": counts["train"],
-            "rows_test": counts["test"],
+            "splits": list(keep),
+            "test_first_local_day": int(test_start),
+            **{f"rows_{split}": count for split, count in counts.items()},
             "baseline_auc": baseline_auc,
         }
+        if self.validation_days:
+            meta["validation_first_local_day"] = int(validation_start)
         if self.on_bad_rows == "skip":
             meta["bad_rows_skipped"] = dict(zip(names, bad_rows, strict=True))
         synthetic = source / "synthetic_meta.json"
@@ -314,17 +318,16 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
         return meta
 
     @staticmethod
-    def _popularity_baseline(joined: pl.LazyFrame, is_test: pl.Expr) -> float | None:
+    def _popularity_baseline(train: pl.LazyFrame, test: pl.LazyFrame) -> float | None:
         """AUC on the test rows of each ad's train click rate (the global rate for unseen ads)."""
-        train = joined.filter(~is_test)
         global_rate = train.select(pl.col("clk").mean()).collect().item()
         rates = train.group_by("adgroup_id").agg(pl.col("clk").mean().alias("rate"))
-        test = (joined.filter(is_test).join(rates, on="adgroup_id", how="left")
+        test = (test.join(rates, on="adgroup_id", how="left")
                 .select(pl.col("rate").fill_null(global_rate), "clk").collect())
         labels = test["clk"].to_numpy().astype(np.float32)
         if labels.min(initial=1) == labels.max(initial=0):
             return None  # AUC undefined with one class
-        return _auc(test["rate"].to_numpy().astype(np.float32), labels)
+        return auc(test["rate"].to_numpy().astype(np.float32), labels)
 
     # ------------------------------------------------------------------ load
     def load(self) -> PreparedData:
@@ -333,12 +336,10 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
         sparse_cols = [f"s_{n}" for n in meta["sparse_features"]]
         dense_cols = [f"d_{n}" for n in meta["dense_features"]]
         splits = {}
-        for split in ("train", "test"):
+        for split in meta["splits"]:
             frame = pl.read_parquet(prepared / f"{split}.parquet")
-            rows = (_tensor(frame, dense_cols, np.float32, width=len(dense_cols)),
-                    _tensor(frame, sparse_cols, np.int64, width=len(sparse_cols)),
-                    _tensor(frame, ["label"], np.float32, width=1).reshape(-1))
-            splits[split] = (rows, _tensor(frame, ["user"], np.int64, width=1).reshape(-1))
+            splits[split] = (labelled_rows(frame, dense_cols, sparse_cols),
+                             frame_tensor(frame, ["user"], np.int64).reshape(-1))
         partition_facts: dict[str, float] = {}
         if self.partitioner is None:  # rows are stored sorted by user
             tables = {split: ClientTable.from_sorted(*rows, client_key=users)
@@ -354,12 +355,6 @@ class TaobaoDataModule(PreparedCache, CTRDataModule):
         features = FeatureSpec(meta["sparse_features"], meta["cardinalities"],
                                meta["dense_features"],
                                label_mean=label_mean if 0.0 < label_mean < 1.0 else None)
-        return PreparedData(tables["train"], tables["test"], features, info)
+        return PreparedData(tables["train"], tables["test"], features, info,
+                            validation=tables.get("validation"))
 
-
-def _tensor(frame: pl.DataFrame, columns: list[str], dtype: type, width: int) -> torch.Tensor:
-    """Columns of a frame as one contiguous [N, width] tensor."""
-    if width == 0:
-        return torch.zeros((frame.height, 0), dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
-    array = frame.select(columns).to_numpy()
-    return torch.from_numpy(np.require(array, dtype, requirements=["C", "W"]))

@@ -1,8 +1,9 @@
 """CTR metrics: AUC, logloss, normalized entropy, calibration and GAUC.
 
 All take logits (the model's raw outputs) and 0/1 labels over a whole evaluation set: AUC
-is computed over the pooled predictions, never averaged over batches or clients. AUC is
-torchmetrics' exact BinaryAUROC; NE and GAUC are ours and pinned by tests.
+is computed over the pooled predictions, never averaged over batches or clients. AUC and GAUC
+rank the raw scores in float64 through one rank-sum implementation (datamodules.rank_auc), so
+they rank the same values; all metrics are pinned by tests.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.classification import binary_auroc
+
+from datamodules import rank_auc
 
 
 def auc(scores: Tensor, labels: Tensor) -> float:
     """Exact ROC AUC (ties count one half). Any monotone score works: logits or probabilities."""
-    return float(binary_auroc(scores.float(), labels.long(), thresholds=None))
+    return rank_auc.auc(_float64(scores), _float64(labels))
 
 
 def logloss(logits: Tensor, labels: Tensor) -> float:
@@ -58,42 +60,18 @@ def gauc(scores: Tensor, labels: Tensor, groups: Tensor) -> float:
 
 def group_auc(scores: Tensor, labels: Tensor, groups: Tensor
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(group ids, rows per group, AUC per group: NaN without both a click and a non-click).
+    """(group ids, rows per group, AUC per group: NaN without both a click and a non-click)."""
+    return rank_auc.group_auc(_float64(scores), _float64(labels), groups.detach().numpy())
 
-    Vectorised: one lexsort, average ranks of ties within a group, and the rank-sum
-    (Mann-Whitney) form of AUC per group.
-    """
-    s = scores.detach().double().numpy()
-    y = labels.detach().double().numpy()
-    g = groups.detach().numpy()
-    order = np.lexsort((s, g))
-    s, y, g = s[order], y[order], g[order]
-    n = len(s)
-    if n == 0:
-        return g, np.zeros(0), np.zeros(0)
-    position = np.arange(n)
-    new_group = np.r_[True, g[1:] != g[:-1]]
-    new_tie = new_group | np.r_[True, s[1:] != s[:-1]]
-    tie_start = position[new_tie]
-    tie_end = np.r_[tie_start[1:], n]
-    tie_of_row = np.cumsum(new_tie) - 1
-    group_start = np.maximum.accumulate(np.where(new_group, position, 0))
-    rank_in_group = (tie_start + tie_end + 1) / 2.0  # 1-based average rank of each tie run
-    rank_in_group = rank_in_group[tie_of_row] - group_start
-    group_of_row = np.cumsum(new_group) - 1
-    positives = np.bincount(group_of_row, weights=y)
-    sizes = np.bincount(group_of_row).astype(np.float64)
-    negatives = sizes - positives
-    positive_rank_sum = np.bincount(group_of_row, weights=rank_in_group * y)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        per_group = (positive_rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
-    per_group[(positives == 0) | (negatives == 0)] = np.nan
-    return g[new_group], sizes, per_group
+
+def _float64(values: Tensor) -> np.ndarray:
+    """A tensor as a float64 array: exact for any float32 score, so ranks are not changed."""
+    return values.detach().double().numpy()
 
 
 def ctr_metrics(logits: Tensor, labels: Tensor, groups: Tensor | None = None) -> dict[str, float]:
     """Every metric fltk reports, over one pooled evaluation set."""
-    logits = logits.detach().float().reshape(-1)
+    logits = logits.detach().reshape(-1)  # each metric picks its precision: AUCs rank float64
     labels = labels.detach().float().reshape(-1)
     one_class = bool(labels.min() == labels.max()) if labels.numel() else True
     return {

@@ -58,10 +58,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
-    """10k rows of synthetic Taobao data, prepared once for the whole session."""
+    """10k rows of synthetic Taobao data, prepared once for the whole session.
+
+    No validation split: the federated loop scores the test split, and the tests' AUC
+    thresholds were set with all seven days before it as training data.
+    """
     from datamodules.taobao import TaobaoDataModule
 
-    dm = TaobaoDataModule(num_rows=10_000, seed=0,
+    dm = TaobaoDataModule(num_rows=10_000, seed=0, validation_days=0,
                           cache_dir=str(tmp_path_factory.mktemp("fltk-cache")))
     dm.setup()
     return dm.data

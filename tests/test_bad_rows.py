@@ -21,11 +21,19 @@ UTC_OFFSET = 8 * 3600  # the loader's default day boundaries: Beijing time
 
 
 def _module(data_dir: Path, cache: Path, **kwargs) -> TaobaoDataModule:
+    """Train and test only: the expected rows below are split by the last day alone."""
     dm = TaobaoDataModule(data_dir=str(data_dir), cache_dir=str(cache),
                           sparse_features=["user", "adgroup_id", "pvalue_level", "brand"],
-                          **kwargs)
+                          validation_days=0, **kwargs)
     dm.setup()
     return dm
+
+
+def _assert_same_tables(want: TaobaoDataModule, got: TaobaoDataModule) -> None:
+    for split in ("train", "test"):
+        for field in ("sparse", "dense", "label", "offsets", "client_ids"):
+            assert torch.equal(getattr(getattr(want.data, split), field),
+                               getattr(getattr(got.data, split), field)), (split, field)
 
 
 def _insert(content: str, lines: dict[int, str]) -> str:
@@ -79,12 +87,25 @@ def test_missing_values_and_blank_lines_are_not_malformed(tmp_path):
     assert "bad_rows_skipped" not in dm.data.info  # the error policy never skips
 
 
-def test_unreadable_bytes_are_a_one_line_data_error(tmp_path):
+@pytest.mark.parametrize("name", list(FILES.values()))
+def test_unreadable_bytes_name_the_file_and_line_in_one_line(tmp_path, name):
     data = write_taobao(tmp_path / "data")
-    (data / "raw_sample.csv").write_bytes(RAW_SAMPLE.encode() + b"1,\xff\xfe,10,x,1,0\n")
-    with pytest.raises(DataError, match=r"raw_sample.csv: could not be read \(") as err:
+    text = (data / name).read_bytes().splitlines(keepends=True)
+    text.insert(2, b"1,\xe9t\xe9,10,x,1,0\n")  # Latin-1 "ete": line 3 is not UTF-8
+    (data / name).write_bytes(b"".join(text))
+    with pytest.raises(DataError) as err:
         _module(data, tmp_path / "cache")
-    assert len(str(err.value).splitlines()) == 1
+    assert str(err.value) == (f"{data / name}: line 3 is not UTF-8 text "
+                              "(byte 0xe9 at position 3 of the line)")
+
+
+@pytest.mark.parametrize("name", list(FILES.values()))
+def test_byte_order_mark_loads_like_the_plain_file(tmp_path, name):
+    """Spreadsheet tools save CSVs with a UTF-8 byte-order mark; the mark is not data."""
+    plain = _module(write_taobao(tmp_path / "plain"), tmp_path / "cache")
+    marked = write_taobao(tmp_path / "marked")
+    (marked / name).write_bytes(b"\xef\xbb\xbf" + (marked / name).read_bytes())
+    _assert_same_tables(plain, _module(marked, tmp_path / "cache"))
 
 
 def test_skip_drops_bad_rows_and_loads_the_rest_like_a_clean_file(tmp_path, caplog):
@@ -97,10 +118,7 @@ def test_skip_drops_bad_rows_and_loads_the_rest_like_a_clean_file(tmp_path, capl
     )
     with caplog.at_level(logging.WARNING, logger="fltk.data"):
         skipped = _module(dirty, tmp_path / "cache", on_bad_rows="skip")
-    for split in ("train", "test"):
-        want, got = getattr(clean.data, split), getattr(skipped.data, split)
-        for field in ("sparse", "dense", "label", "offsets", "client_ids"):
-            assert torch.equal(getattr(want, field), getattr(got, field)), (split, field)
+    _assert_same_tables(clean, skipped)
     assert skipped.data.info["bad_rows_skipped"] == {
         "raw_sample.csv": 3, "user_profile.csv": 1, "ad_feature.csv": 1}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -40,7 +40,10 @@ def test_centralized_fit_writes_config_metrics_and_summary(tmp_path, capsys):
     for key in ("auc", "logloss", "ne", "gauc", "calibration", "num_train", "num_test",
                 "num_clients", "wall_time_s", "baseline_auc", "oracle_auc"):
         assert summary[key] is not None, key
-    assert summary["num_train"] + summary["num_test"] == 10000
+    # summary.json counts no validation rows (yet): the prepared splits' sizes do
+    prepared = next((tmp_path / "cache" / "prepared").glob("taobao-*/meta.json"))
+    validation_rows = json.loads(prepared.read_text())["rows_validation"]
+    assert summary["num_train"] + validation_rows + summary["num_test"] == 10000
     assert 0.6 < summary["auc"] <= 1.0
     assert float(rows[-1]["auc"]) == pytest.approx(summary["auc"], abs=1e-9)
     # a finished run directory is never reused

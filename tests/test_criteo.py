@@ -53,7 +53,8 @@ def criteo_dir(tmp_path: Path) -> Path:
 
 
 def _module(data_dir: Path, tmp_path: Path, **kwargs) -> CriteoDataModule:
-    args = {"test_fraction": 0.25, "num_clients": 1, **kwargs}
+    """The hand-worked expectations split train/test only: no validation unless asked for."""
+    args = {"test_fraction": 0.25, "validation_fraction": 0.0, "num_clients": 1, **kwargs}
     dm = CriteoDataModule(data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"), **args)
     dm.setup()
     return dm
@@ -171,6 +172,72 @@ def test_non_integer_names_its_line_and_column(criteo_dir, tmp_path, line, value
         _module(criteo_dir, tmp_path)
 
 
+def test_byte_order_mark_loads_like_the_plain_file(criteo_dir, tmp_path):
+    plain = _module(criteo_dir, tmp_path / "plain")
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    (marked / "train.txt").write_bytes(b"\xef\xbb\xbf" + (criteo_dir / "train.txt").read_bytes())
+    dm = _module(marked, tmp_path / "marked-cache")
+    for split in ("train", "test"):
+        for field in ("sparse", "dense", "label", "offsets", "client_ids"):
+            assert torch.equal(getattr(getattr(dm.data, split), field),
+                               getattr(getattr(plain.data, split), field)), (split, field)
+
+
+def test_a_byte_order_mark_after_the_first_line_is_still_a_bad_label(criteo_dir, tmp_path):
+    lines = list(LINES)
+    lines[2] = "\ufeff" + lines[2]
+    (criteo_dir / "train.txt").write_text("\n".join(lines))
+    with pytest.raises(DataError, match=r"train.txt: line 3: label '\\ufeff0' is not 0 or 1"):
+        _module(criteo_dir, tmp_path)
+
+
+def test_unreadable_bytes_name_the_line_in_one_line(criteo_dir, tmp_path):
+    lines = [line.encode() for line in LINES]
+    lines[4] = lines[4].replace(A.encode(), b"68fd\xe9e64")
+    (criteo_dir / "train.txt").write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError) as err:
+        _module(criteo_dir, tmp_path)
+    column = lines[4].index(b"\xe9")
+    assert str(err.value) == (f"{criteo_dir / 'train.txt'}: line 5 is not UTF-8 text "
+                              f"(byte 0xe9 at position {column + 1} of the line)")
+
+
+def test_validation_is_the_end_of_the_lines_before_the_test_lines(criteo_dir, tmp_path):
+    dm = _module(criteo_dir, tmp_path, validation_fraction=1 / 3)
+    train, validation, test = dm.data.train, dm.data.validation, dm.data.test
+    # 9 lines before the test lines: 6 train (i < 2/3 * 9), lines 7-9 validation, 10-12 test
+    assert train.label.tolist() == [0, 1, 0, 0, 1, 0]
+    assert validation.label.tolist() == [0, 1, 0]
+    assert test.label.tolist() == [1, 0, 0]
+    assert dm.data.info["num_validation"] == 3
+    assert dm.feature_spec.label_mean == pytest.approx(2 / 6)
+    # C1 in train: A, B, missing -> vocabulary A -> 2, B -> 3; 0000000a/b only in validation
+    assert _column(dm, "train", "C1") == [2, 3, MISSING_INDEX, 2, 2, MISSING_INDEX]
+    assert _column(dm, "validation", "C1") == [OOV_INDEX] * 3
+    assert _column(dm, "test", "C1") == [2, OOV_INDEX, MISSING_INDEX]
+    assert dm.feature_spec.cardinalities[0] == 4
+    assert next(iter(dm.val_dataloader())).label.tolist() == [0, 1, 0]
+    assert next(iter(dm.test_dataloader())).label.tolist() == [1, 0, 0]
+
+
+def test_zero_validation_fraction_means_no_validation_split(criteo_dir, tmp_path, monkeypatch):
+    dm = _module(criteo_dir, tmp_path, validation_fraction=0.0)
+    assert dm.data.validation is None and dm.data.info["num_validation"] == 0
+    assert next(iter(dm.val_dataloader())).label.tolist() == [1, 0, 0]  # the test split
+    monkeypatch.setattr(CriteoDataModule, "_preprocess",
+                        lambda *a, **k: pytest.fail("preprocessed again"))
+    with pytest.raises(pytest.fail.Exception, match="preprocessed again"):
+        _module(criteo_dir, tmp_path, validation_fraction=0.2)  # a cache entry of its own
+
+
+def test_default_validation_fraction_and_an_empty_validation_split(criteo_dir, tmp_path):
+    assert CriteoDataModule().validation_fraction == 0.1
+    # 9 lines before the test lines: 0.1 of them rounds to no validation line at all
+    with pytest.raises(DataError, match="no validation rows left"):
+        _module(criteo_dir, tmp_path, validation_fraction=0.1)
+
+
 def test_missing_train_file(tmp_path):
     with pytest.raises(DataError, match=r"train.txt: file not found"):
         _module(tmp_path, tmp_path)
@@ -178,6 +245,8 @@ def test_missing_train_file(tmp_path):
 
 @pytest.mark.parametrize(("kwargs", "name"), [
     ({"test_fraction": 1.0}, "data.test_fraction"),
+    ({"validation_fraction": 1.0}, "data.validation_fraction"),
+    ({"validation_fraction": -0.1}, "data.validation_fraction"),
     ({"min_count": 0}, "data.min_count"),
     ({"num_embeddings_per_feature": [10] * 25}, "data.num_embeddings_per_feature"),
     ({"num_embeddings_per_feature": [10] * 26, "min_count": 3}, "data.min_count"),
@@ -198,10 +267,10 @@ def test_real_head_end_to_end(tmp_path):
     dm = CriteoDataModule(data_dir=str(folder), cache_dir=str(tmp_path / "cache"),
                           num_clients=10)
     dm.setup()
-    train, test = dm.data.train, dm.data.test
-    assert (train.num_rows, test.num_rows) == (900, 100)
-    assert train.num_clients == 10 and test.num_clients == 10
-    for table in (train, test):
+    train, validation, test = dm.data.train, dm.data.validation, dm.data.test
+    assert (train.num_rows, validation.num_rows, test.num_rows) == (810, 90, 100)
+    assert train.num_clients == validation.num_clients == test.num_clients == 10
+    for table in (train, validation, test):
         assert not torch.isnan(table.dense).any()
         assert set(table.label.unique().tolist()) <= {0.0, 1.0}
         assert (table.sparse >= 0).all()

@@ -91,3 +91,27 @@ def test_ctr_metrics_reports_every_metric():
     metrics = ctr_metrics(logits, labels, torch.tensor([0, 0, 1, 1]))
     assert set(metrics) == {"auc", "logloss", "ne", "gauc", "calibration"}
     assert metrics["auc"] == 0.75 and metrics["gauc"] == 0.5
+
+
+def test_auc_is_exact_for_confident_logits():
+    # a float32 sigmoid rounds both 17 and 20 to 1.0 and ties them: 0.75 instead of 1
+    assert auc(torch.tensor([-1.0, 17.0, 20.0]), torch.tensor([0.0, 0.0, 1.0])) == 1.0
+
+
+def test_auc_matches_pairwise_count_on_wide_logits_with_ties():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.rand(400, generator=g, dtype=torch.float64) * 80 - 40  # -40 .. 40
+    logits[::7] = logits[3]  # deliberate ties, positives against negatives too
+    logits[1::11] = 38.5
+    labels = torch.randint(0, 2, (400,), generator=g)
+    expected = brute_force_auc(logits.tolist(), labels.tolist())
+    assert auc(logits, labels) == pytest.approx(expected, abs=1e-12)
+    assert auc(logits.float(), labels) == pytest.approx(
+        brute_force_auc(logits.float().tolist(), labels.tolist()), abs=1e-12)
+
+
+def test_auc_is_gauc_of_a_single_group():
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(300, generator=g) * 20
+    labels = torch.randint(0, 2, (300,), generator=g)
+    assert auc(logits, labels) == gauc(logits, labels, torch.zeros(300, dtype=torch.int64))

@@ -56,7 +56,8 @@ def test_datamodule_generates_and_reads_it(tmp_path):
     cache = tmp_path / "cache"
     dm = CriteoDataModule(num_rows=ROWS, num_clients=10, cache_dir=str(cache))
     dm.setup()
-    assert (dm.data.train.num_rows, dm.data.test.num_rows) == (ROWS - ROWS // 10, ROWS // 10)
+    sizes = (dm.data.train.num_rows, dm.data.validation.num_rows, dm.data.test.num_rows)
+    assert sizes == (ROWS * 81 // 100, ROWS * 9 // 100, ROWS // 10)  # 0.9 * 0.9, 0.9 * 0.1, 0.1
     assert dm.data.info["oracle_auc"] > 0.7
     assert dm.feature_spec.cardinalities[2] > 100  # a high-cardinality column
     generated = list((cache / "synthetic").iterdir())

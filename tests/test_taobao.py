@@ -12,12 +12,15 @@ import torch
 
 from datamodules.base import DataError
 from datamodules.taobao import MISSING_INDEX, OOV_INDEX, TaobaoDataModule
-from tests.conftest import AD_FEATURE, USER_PROFILE, write_taobao
+from tests.conftest import AD_FEATURE, DAY, RAW_SAMPLE, TEST_DAY_START, USER_PROFILE, write_taobao
 
 REAL_EXCERPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "taobao_excerpt"
 
 
 def _module(data_dir: Path, tmp_path: Path, **kwargs) -> TaobaoDataModule:
+    """The fixture's hand-worked train/test expectations predate the validation split, so it is
+    off unless a test asks for it."""
+    kwargs = {"validation_days": 0, **kwargs}
     dm = TaobaoDataModule(data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"), **kwargs)
     dm.setup()
     return dm
@@ -135,11 +138,12 @@ def test_profile_header_with_trailing_space_is_read(taobao_dir):
 
 @pytest.mark.skipif(not REAL_EXCERPT.is_dir(), reason="shared/data excerpt not present")
 def test_real_excerpt_loads_with_every_row_accounted_for(tmp_path):
-    dm = _module(REAL_EXCERPT, tmp_path)
+    dm = _module(REAL_EXCERPT, tmp_path, validation_days=1)
+    splits = (dm.data.train, dm.data.validation, dm.data.test)
     rows = pl.read_csv(REAL_EXCERPT / "raw_sample.csv").height
-    assert dm.data.train.num_rows + dm.data.test.num_rows == rows
-    assert dm.data.test.num_rows > 0 and dm.data.train.num_rows > 0
-    assert int(dm.data.train.label.sum() + dm.data.test.label.sum()) == pl.read_csv(
+    assert sum(table.num_rows for table in splits) == rows
+    assert all(table.num_rows > 0 for table in splits)
+    assert int(sum(table.label.sum() for table in splits)) == pl.read_csv(
         REAL_EXCERPT / "raw_sample.csv")["clk"].sum()
 
 
@@ -162,3 +166,64 @@ def test_unknown_partition_lists_the_choices():
         TaobaoDataModule(partition="key")
     with pytest.raises(ValueError, match="data.alpha"):
         TaobaoDataModule(partition="dirichlet", alpha=-1.0)
+
+
+# The fixture plus a row of user 5 (no profile) on the validation day, showing ad 12 there:
+# ad 12 and user 5 are then seen in validation, never in train.
+VALIDATION_ONLY_ROW = f"5,{TEST_DAY_START - DAY + 60},12,430548_1007,0,1\n"
+
+
+def test_validation_day_is_the_day_before_the_test_day(tmp_path):
+    data = write_taobao(tmp_path / "data", raw=RAW_SAMPLE + VALIDATION_ONLY_ROW)
+    dm = _module(data, tmp_path, validation_days=1)
+    train, validation, test = dm.data.train, dm.data.validation, dm.data.test
+    # days before the test day D: user 1 at D-5 and D-4, user 2 at D-2 (train) and at D-1 minus
+    # one second (validation: 23:59:59 Beijing time), user 3 at D-3; user 5 at D-1.
+    assert train.client_ids.tolist() == [1, 2, 3] and train.label.tolist() == [0, 1, 1, 0]
+    assert validation.client_ids.tolist() == [2, 5] and validation.label.tolist() == [0, 1]
+    assert test.client_ids.tolist() == [1, 2, 4] and test.label.tolist() == [0, 0, 1]
+    assert dm.data.info["num_validation"] == 2
+
+
+def test_validation_ids_unseen_in_train_are_oov_and_statistics_are_train_only(tmp_path):
+    data = write_taobao(tmp_path / "data", raw=RAW_SAMPLE + VALIDATION_ONLY_ROW)
+    dm = _module(data, tmp_path, validation_days=1)
+    size = dict(zip(dm.feature_spec.sparse, dm.feature_spec.cardinalities, strict=True))
+    assert size["adgroup_id"] == 2 + 2 and size["user"] == 2 + 3  # ads 10, 11; users 1, 2, 3
+    assert _column(dm, "validation", "adgroup_id") == [_column(dm, "train", "adgroup_id")[1],
+                                                       OOV_INDEX]  # ad 11; ad 12
+    assert _column(dm, "validation", "user") == [_column(dm, "train", "user")[2], OOV_INDEX]
+    assert _column(dm, "test", "adgroup_id")[0] == OOV_INDEX  # ad 12 is not learned from validation
+    prices = np.log1p([99.0, 1.0, 99.0, 1.0])  # the train rows' ads: 10, 11, 10, 11
+    mean, std = prices.mean(), prices.std(ddof=1)
+    assert dm.data.validation.dense[0, 0].item() == pytest.approx((math.log1p(1.0) - mean) / std,
+                                                                  rel=1e-5)
+    # popularity on the train days: ads 10 and 11 both 1/2, unseen ad 12 the global 2/4: every
+    # test row scores 0.5 (with the validation day counted, ad 11 would be 1/3: AUC 0)
+    assert dm.data.info["baseline_auc"] == 0.5
+
+
+def test_loaders_serve_validation_and_test_and_zero_days_means_no_validation(taobao_dir, tmp_path):
+    split = _module(taobao_dir, tmp_path, validation_days=1)
+    assert next(iter(split.val_dataloader())).label.tolist() == [0.0]  # user 2 at D-1
+    assert next(iter(split.test_dataloader())).label.tolist() == [0.0, 0.0, 1.0]
+    none = _module(taobao_dir, tmp_path, validation_days=0)
+    assert none.data.validation is None and none.data.info["num_validation"] == 0
+    assert none.data.train.num_rows == 5
+    assert next(iter(none.val_dataloader())).label.tolist() == [0.0, 0.0, 1.0]  # the test split
+    keys = {TaobaoDataModule(validation_days=days).cache_key(taobao_dir) for days in (0, 1, 2)}
+    assert len(keys) == 3
+
+
+def test_partitioner_deals_the_validation_rows_too(tmp_path):
+    data = write_taobao(tmp_path / "data", raw=RAW_SAMPLE + VALIDATION_ONLY_ROW)
+    dm = _module(data, tmp_path, validation_days=1, partition="iid", num_clients=2, seed=3)
+    assert dm.data.validation.num_rows == 2
+    assert dm.data.validation.client_ids.tolist() == [0, 1]  # one row each, round-robin
+    assert sorted(dm.data.validation.label.tolist()) == [0.0, 1.0]
+
+
+def test_default_is_one_validation_day_and_bad_values_name_the_key():
+    assert TaobaoDataModule().validation_days == 1
+    with pytest.raises(ValueError, match=r"^data.validation_days must be >= 0, got -1$"):
+        TaobaoDataModule(validation_days=-1)
