@@ -24,13 +24,15 @@ import polars as pl
 import torch
 
 from datamodules.base import PreparedData
+from datamodules.clients import ClientTable
 from fltoolkit.gate import UpdateGate
 from fltoolkit.privacy.local_tables import LocalTableStore
 from fltoolkit.run.checkpointing import RunInterrupted
 from fltoolkit.run.config import FederatedConfig
 from fltoolkit.run.ranks import Ranks
 from fltoolkit.server.aggregation import aggregate_or_roll_back
-from fltoolkit.server.evaluation import evaluate
+from fltoolkit.server.evaluation import Evaluation, evaluate
+from fltoolkit.server.held_out import HeldOutTest
 from fltoolkit.server.tables import ServerTables, ShardedServerTables
 from fltoolkit.systems.admission import Admitted, admission
 from fltoolkit.systems.config import SystemsConfig
@@ -83,14 +85,15 @@ class LoopHooks:
     Attributes:
         on_round: each round's row (rounds.csv): its counters, wall time and, with simulated
             devices, its simulated length and the clock.
-        on_evaluation: each evaluation's metrics row (metrics.csv) and the per-client report.
+        on_evaluation: each evaluation's metrics row (metrics.csv): validation metrics, or
+            test metrics for data without a validation split.
         on_checkpoint: (the loop, the round) after every `checkpoint_interval`-th round, the
             last one, and the one a stop was requested in.
         on_progress: (round, its evaluation row or None) after every round.
     """
 
     on_round: Callable[[dict[str, Any]], None] = lambda row: None
-    on_evaluation: Callable[[dict[str, Any], pl.DataFrame], None] = lambda row, clients: None
+    on_evaluation: Callable[[dict[str, Any]], None] = lambda row: None
     on_checkpoint: Callable[[FederatedLoop, int], None] = lambda loop, round_index: None
     on_progress: Callable[[int, dict[str, Any] | None], None] = lambda index, row: None
 
@@ -100,7 +103,8 @@ class FederatedLoop:
 
     Args:
         module: the LightningModule, already built for the data's features.
-        data: the prepared splits (train clients and test rows).
+        data: the prepared splits: training clients, validation rows (evaluated during
+            training) and test rows (held out; see fltoolkit.server.held_out).
         config: the federated section of the experiment.
         seed: the run's seed (selection, local batch order and faults derive from it).
         eval_batch_size: rows per evaluation batch.
@@ -148,8 +152,12 @@ class FederatedLoop:
         self.since_evaluation, self.totals = RoundRow(), RoundRow()
         self.last: dict[str, Any] = {}
         self.stop_requested = False
+        self.held_out = HeldOutTest()
         self.test_clients = pl.DataFrame(schema={"client": pl.Int64, "test_rows": pl.Int64,
                                                  "test_auc": pl.Float64})
+        if data.validation is None:
+            log.warning("the data has no validation split: evaluations during training score "
+                        "the test split, so settings chosen on them are tuned on test")
 
     def run(self) -> dict[str, Any]:
         """Train the remaining rounds (all of them unless resumed from a checkpoint); returns
@@ -221,10 +229,13 @@ class FederatedLoop:
         return row
 
     def _evaluate(self, round_index: int, started: float) -> dict[str, Any]:
-        result = evaluate(self.module, self.parts, self.data.test, self.eval_batch_size,
-                          self.data.train.client_ids, self.local_tables, self.ranks,
-                          self.server_tables)
-        self.test_clients = result.clients
+        """Score the validation split (reported) and the test split (held out)."""
+        test = self._score(self.data.test, round_index)
+        self.test_clients = test.clients
+        result = test
+        if self.data.validation is not None:
+            result = self._score(self.data.validation, round_index)
+            self.held_out.observe(round_index, result.metrics, test.metrics)
         rounds = self.since_evaluation
         row = {
             "round": round_index,
@@ -241,8 +252,22 @@ class FederatedLoop:
             row.update(sim_time_s=round(self.admission.sim_time_s, 3), dropped=rounds.dropped,
                        stragglers=rounds.stragglers, skipped_rounds=rounds.skipped)
         self.history.append(row)
-        self.hooks.on_evaluation(row, self.client_report())
+        self.hooks.on_evaluation(row)
         return row
+
+    def _score(self, split: ClientTable, round_index: int) -> Evaluation:
+        """The global model's metrics on a split; a model whose outputs are not finite has
+        diverged and stops the run (its metrics would be NaN from then on)."""
+        result = evaluate(self.module, self.parts, split, self.eval_batch_size,
+                          self.data.train.client_ids, self.local_tables, self.ranks,
+                          self.server_tables)
+        if result.non_finite:
+            raise FloatingPointError(
+                f"round {round_index}: the global model gives non-finite logits on "
+                f"{result.non_finite} of {split.num_rows} rows, so training diverged; lower "
+                "the learning rates (model.dense_optimizer, model.sparse_optimizer, the "
+                "strategy's server_lr) or set federated.reject_norm_ratio")
+        return result
 
     def _final_row(self) -> dict[str, Any]:
         """The last evaluation with the run's totals (summary.json)."""
@@ -254,11 +279,13 @@ class FederatedLoop:
                      rejected_total=totals.rejected)
         if self.admission.sim_time_s is not None:
             final.update(sim_time_s=round(self.admission.sim_time_s, 3))
+        final.update(self.held_out.summary(self.last))
         return final
 
     def client_report(self) -> pl.DataFrame:
         """Per training client: raw id, train_rows, participation (rounds trained) and, from
-        the last evaluation, test_rows and test_auc (null where it has no test rows)."""
+        the last evaluation's test split, test_rows and test_auc (null where it has no test
+        rows); written once the run ends, since test results are held out until then."""
         train = self.data.train
         frame = pl.DataFrame({"client": train.client_ids.numpy(),
                               "train_rows": train.client_sizes().numpy(),

@@ -60,12 +60,23 @@ torch.set_num_threads(1)
 def synthetic_data(tmp_path_factory):
     """10k rows of synthetic Taobao data, prepared once for the whole session.
 
-    No validation split: the federated loop scores the test split, and the tests' AUC
-    thresholds were set with all seven days before it as training data.
+    No validation split (the loop then evaluates the test split): the tests' AUC thresholds
+    were set with all seven days before the test day as training data.
     """
     from datamodules.taobao import TaobaoDataModule
 
     dm = TaobaoDataModule(num_rows=10_000, seed=0, validation_days=0,
+                          cache_dir=str(tmp_path_factory.mktemp("fltk-cache")))
+    dm.setup()
+    return dm.data
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_with_validation(tmp_path_factory):
+    """The same 10k rows with the default validation day."""
+    from datamodules.taobao import TaobaoDataModule
+
+    dm = TaobaoDataModule(num_rows=10_000, seed=0,
                           cache_dir=str(tmp_path_factory.mktemp("fltk-cache")))
     dm.setup()
     return dm.data

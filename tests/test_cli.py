@@ -45,7 +45,13 @@ def test_centralized_fit_writes_config_metrics_and_summary(tmp_path, capsys):
     validation_rows = json.loads(prepared.read_text())["rows_validation"]
     assert summary["num_train"] + validation_rows + summary["num_test"] == 10000
     assert 0.6 < summary["auc"] <= 1.0
-    assert float(rows[-1]["auc"]) == pytest.approx(summary["auc"], abs=1e-9)
+    # metrics.csv holds validation metrics; the test split is reported once, in summary.json
+    assert summary["evaluated_on"] == "validation"
+    assert float(rows[-1]["auc"]) == pytest.approx(summary["validation"]["auc"], abs=1e-9)
+    best = max(rows, key=lambda row: float(row["auc"]))
+    assert summary["best_round"] == int(best["round"])
+    assert summary["best_validation_auc"] == pytest.approx(float(best["auc"]), abs=1e-9)
+    assert 0.6 < summary["best_round_test"]["auc"] <= 1.0
     # a finished run directory is never reused
     assert _fit(tmp_path, "--run_dir", str(run), "--federated.enabled", "false") == 2
     assert "already exists and is not empty" in capsys.readouterr().err
@@ -161,4 +167,5 @@ def test_python_entry_point_returns_the_run_directory_summary_and_metrics(tmp_pa
     assert result.run_dir == tmp_path / "run"
     assert result.metrics["round"].to_list() == [2, 4]
     assert result.summary["rounds"] == 4
-    assert result.summary["auc"] == pytest.approx(result.metrics["auc"][-1], abs=1e-9)
+    assert result.summary["validation"]["auc"] == pytest.approx(result.metrics["auc"][-1],
+                                                                abs=1e-9)

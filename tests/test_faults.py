@@ -61,7 +61,10 @@ def test_nan_clients_are_rejected_and_leave_the_auc_within_0_01(synthetic_data, 
 def test_robust_strategies_resist_scaled_clients_where_fedavg_degrades(synthetic_data,
                                                                        clean_auc):
     attack = Faults(scale=0.2, scale_factor=-10.0)
-    fedavg = _loop(synthetic_data, faults=attack, **SETTINGS).run()["auc"]
+    try:
+        fedavg = _loop(synthetic_data, faults=attack, **SETTINGS).run()["auc"]
+    except FloatingPointError:  # diverged to non-finite outputs: the run stops, no better
+        fedavg = 0.5            # than chance
     assert fedavg < clean_auc - 0.05
     for strategy in (CoordinateMedian(), TrimmedMean(beta=0.2)):
         robust = _loop(synthetic_data, faults=attack, strategy=strategy, **SETTINGS).run()

@@ -82,6 +82,7 @@ def loop_state(loop: FederatedLoop) -> dict[str, Any]:
         "wall_time_s": loop.wall_time_s,
         "participation": torch.from_numpy(loop.participation.copy()),
         "history": list(loop.history),
+        "held_out": loop.held_out.state_dict(),
         "last": dict(loop.last),
         "since_evaluation": asdict(loop.since_evaluation),
         "totals": asdict(loop.totals),
@@ -107,6 +108,7 @@ def load_loop_state(loop: FederatedLoop, state: dict[str, Any]) -> None:
     loop.completed_rounds, loop.wall_time_s = state["completed_rounds"], state["wall_time_s"]
     loop.participation = state["participation"].numpy().copy()
     loop.history, loop.last = list(state["history"]), dict(state["last"])
+    loop.held_out.load_state_dict(state["held_out"])
     loop.since_evaluation = RoundRow(**{**state["since_evaluation"],
                                         "losses": tuple(state["since_evaluation"]["losses"])})
     loop.totals = RoundRow(**{**state["totals"], "losses": tuple(state["totals"]["losses"])})

@@ -122,6 +122,7 @@ def run_experiment(cli: Any, name: str, ranks: Ranks) -> Path | None:
         if federated.enabled:
             final, mode = _train_federated(cli, datamodule, sharded, ranks, run_dir, state)
         else:
+            cli.config_init["centralized"].apply(cli.model)
             final = train_centrally(cli.trainer, cli.model, datamodule, run_dir, started)
             mode = {"mode": "centralized", "epochs": cli.trainer.current_epoch}
     finally:
@@ -192,12 +193,9 @@ def _train_federated(cli: Any, datamodule: CTRDataModule, sharded: ShardedTables
     """Rank 0's federated run: (the final metrics row, what summary.json says of the run)."""
     federated = cli.config_init["federated"]
 
-    def evaluated(row: dict[str, Any], clients: pl.DataFrame) -> None:
-        log_evaluation(run_dir, row)
-        run_dir.write_clients(clients)
-
     with _progress_bar(federated.rounds) as advance:
-        hooks = LoopHooks(on_round=run_dir.append_round, on_evaluation=evaluated,
+        hooks = LoopHooks(on_round=run_dir.append_round,
+                          on_evaluation=lambda row: log_evaluation(run_dir, row),
                           on_checkpoint=checkpointer(ranks, run_dir.checkpoints,
                                                      federated.keep_last),
                           on_progress=advance)
@@ -211,8 +209,10 @@ def _train_federated(cli: Any, datamodule: CTRDataModule, sharded: ShardedTables
             with stop_on_signals(loop.request_stop):
                 final = loop.run()
         except RunInterrupted:
+            run_dir.write_clients(loop.client_report())
             build_run_report(run_dir.path)  # from the CSVs; the caller closes the rest
             raise
+    run_dir.write_clients(loop.client_report())
     run_dir.save_model(server_model_state(loop))
     save_final_shards(loop, ranks, run_dir.checkpoints)
     strategy = loop.strategy

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from datamodules.base import CTRDataModule, DataError
 from fltoolkit.reports.config import ReportConfig
 from fltoolkit.reports.run_dir import RunDirectoryError
+from fltoolkit.run.centralized import CentralizedConfig
 from fltoolkit.run.checkpointing import CheckpointError, RunInterrupted
 from fltoolkit.run.config import ConfigError, FederatedConfig
 from fltoolkit.systems.config import SystemsConfig
@@ -82,6 +83,7 @@ class FltkCLI(LightningCLI):
         parser.add_class_arguments(FederatedConfig, "federated")
         parser.add_class_arguments(SystemsConfig, "systems")
         parser.add_class_arguments(ReportConfig, "report")
+        parser.add_class_arguments(CentralizedConfig, "centralized")
         parser.link_arguments("seed", "data.init_args.seed")
 
     def instantiate_classes(self) -> None:

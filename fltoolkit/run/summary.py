@@ -13,9 +13,12 @@ from recsys.sharding import ShardedTables
 
 log = logging.getLogger("fltk")
 
-SUMMARY_INFO_KEYS = ("num_train", "num_test", "num_clients", "dropped_clients",
-                     "baseline_auc", "oracle_auc", "bad_rows_skipped")
-METRIC_KEYS = ("auc", "logloss", "ne", "gauc", "calibration")
+SUMMARY_INFO_KEYS = ("num_train", "num_validation", "num_test", "num_clients",
+                     "dropped_clients", "baseline_auc", "oracle_auc", "bad_rows_skipped")
+METRIC_KEYS = ("auc", "logloss", "ne", "gauc", "calibration")  # of the test split
+# the validation protocol (fltoolkit.server.held_out): absent without a validation split
+PROTOCOL_KEYS = ("evaluated_on", "validation", "best_round", "best_validation_auc",
+                 "best_round_test")
 FEDERATED_KEYS = ("clients_seen", "bytes_up_total", "bytes_down_total", "bytes_up_per_round",
                   "bytes_down_per_round", "rejected_total", "sim_time_s")
 
@@ -23,12 +26,16 @@ FEDERATED_KEYS = ("clients_seen", "bytes_up_total", "bytes_down_total", "bytes_u
 def summary(experiment: str, mode: dict[str, Any], final: dict[str, Any],
             info: dict[str, Any], report: ReportConfig, model: torch.nn.Module,
             sharded: ShardedTables | None, wall_time_s: float) -> dict[str, Any]:
-    """The run's summary: how it ran (`mode`), its final metrics and federated totals, facts
-    of the data, the known baselines, the model's size and the wall time."""
+    """The run's summary: how it ran (`mode`), the final model's test metrics (and, with a
+    validation split, its validation metrics and the best validation round's test metrics),
+    federated totals, facts of the data, the known baselines, the model's size and the wall
+    time."""
     return {
         "experiment": experiment,
         **mode,
         **{k: final[k] for k in METRIC_KEYS},
+        "evaluated_on": "test",
+        **{k: final[k] for k in PROTOCOL_KEYS if k in final},
         **{k: final[k] for k in FEDERATED_KEYS if k in final},
         **{k: info[k] for k in SUMMARY_INFO_KEYS if k in info},
         **report.known_baselines(),

@@ -26,11 +26,13 @@ from recsys.parts import ModelParts
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Pooled metrics, and per test client (raw id): test_rows and test_auc (null without both
-    a click and a non-click), for the per-client AUC distribution in reports."""
+    """Pooled metrics, per test client (raw id): test_rows and test_auc (null without both
+    a click and a non-click), for the per-client AUC distribution in reports, and how many
+    logits were not finite (a diverged model)."""
 
     metrics: dict[str, float]
     clients: pl.DataFrame
+    non_finite: int = 0
 
 
 @torch.no_grad()
@@ -79,7 +81,8 @@ def evaluate(module: torch.nn.Module, parts: ModelParts, table: ClientTable, bat
     clients = pl.DataFrame({"client": table.client_ids[positions].numpy(),
                             "test_rows": rows.astype("int64"), "test_auc": client_auc},
                            ).with_columns(pl.col("test_auc").fill_nan(None))
-    return Evaluation(ctr_metrics(logits, table.label, groups), clients)
+    return Evaluation(ctr_metrics(logits, table.label, groups), clients,
+                      int((~torch.isfinite(logits)).sum()))
 
 
 def _training_client(table: ClientTable, groups: Tensor, train_clients: Tensor) -> Tensor:
