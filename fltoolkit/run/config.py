@@ -6,6 +6,7 @@ command line (`--federated.rounds 10`) and rejected with its name when misspelle
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from fltoolkit.gate.faults import Faults
@@ -18,6 +19,7 @@ class ConfigError(ValueError):
     """A configuration value that parses but cannot be used; the message names the key."""
 
 
+@dataclass
 class FederatedConfig:
     """How the model is trained.
 
@@ -59,57 +61,42 @@ class FederatedConfig:
             columns split across the ranks); `none` keeps whole tables on every rank.
     """
 
-    def __init__(
-        self,
-        enabled: bool = True,
-        rounds: int = 1000,
-        clients_per_round: int = 20,
-        batch_size: int = 32,
-        local_epochs: int | None = 1,
-        local_steps: int | None = None,
-        proximal_mu: float = 0.0,
-        strategy: Strategy | None = None,
-        selector: ClientSelector | None = None,
-        local_tables: list[str] | Literal["all"] | None = None,
-        keep_optimizer_state: bool = False,
-        eval_interval: int = 100,
-        checkpoint_interval: int = 100,
-        keep_last: int = 2,
-        reject_norm_ratio: float | None = None,
-        faults: Faults | None = None,
-        sharding: Literal["none", "table_wise", "column_wise"] = "none",
-    ) -> None:
-        for key, value in (("rounds", rounds), ("clients_per_round", clients_per_round),
-                           ("batch_size", batch_size), ("eval_interval", eval_interval),
-                           ("checkpoint_interval", checkpoint_interval),
-                           ("keep_last", keep_last)):
-            if value < 1:
-                raise ValueError(f"federated.{key} must be >= 1, got {value}")
-        if (local_epochs is None) == (local_steps is None):
+    enabled: bool = True
+    rounds: int = 1000
+    clients_per_round: int = 20
+    batch_size: int = 32
+    local_epochs: int | None = 1
+    local_steps: int | None = None
+    proximal_mu: float = 0.0
+    strategy: Strategy | None = None
+    selector: ClientSelector | None = None
+    local_tables: list[str] | Literal["all"] | None = None
+    keep_optimizer_state: bool = False
+    eval_interval: int = 100
+    checkpoint_interval: int = 100
+    keep_last: int = 2
+    reject_norm_ratio: float | None = None
+    faults: Faults | None = None
+    sharding: Literal["none", "table_wise", "column_wise"] = "none"
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "clients_per_round", "batch_size", "eval_interval",
+                    "checkpoint_interval", "keep_last"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"federated.{key} must be >= 1, got {getattr(self, key)}")
+        if (self.local_epochs is None) == (self.local_steps is None):
             raise ValueError("set exactly one of federated.local_epochs and federated.local_steps")
-        if (local_epochs or 1) < 1 or (local_steps or 1) < 1:
+        if (self.local_epochs or 1) < 1 or (self.local_steps or 1) < 1:
             raise ValueError("federated.local_epochs and federated.local_steps must be >= 1")
-        self.enabled = enabled
-        self.rounds = rounds
-        self.clients_per_round = clients_per_round
-        self.batch_size = batch_size
-        self.local_epochs = local_epochs
-        self.local_steps = local_steps
-        if proximal_mu < 0:
-            raise ValueError(f"federated.proximal_mu must be >= 0, got {proximal_mu}")
-        self.proximal_mu = proximal_mu
-        self.strategy = strategy or FedAvg()
-        self.selector = selector or UniformSelector()
-        self.local_tables = local_tables or []
-        self.keep_optimizer_state = keep_optimizer_state
-        self.eval_interval = eval_interval
-        self.checkpoint_interval = checkpoint_interval
-        self.keep_last = keep_last
-        if reject_norm_ratio is not None and reject_norm_ratio <= 1:
-            raise ValueError(f"federated.reject_norm_ratio must be > 1, got {reject_norm_ratio}")
-        self.reject_norm_ratio = reject_norm_ratio
-        self.faults = faults or Faults()
-        self.sharding = sharding
+        if self.proximal_mu < 0:
+            raise ValueError(f"federated.proximal_mu must be >= 0, got {self.proximal_mu}")
+        ratio = self.reject_norm_ratio
+        if ratio is not None and ratio <= 1:
+            raise ValueError(f"federated.reject_norm_ratio must be > 1, got {ratio}")
+        self.strategy = self.strategy or FedAvg()
+        self.selector = self.selector or UniformSelector()
+        self.local_tables = self.local_tables or []
+        self.faults = self.faults or Faults()
 
     def schedule(self) -> LocalSchedule:
         """How much each client trains per round."""
