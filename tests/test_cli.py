@@ -64,7 +64,13 @@ def test_centralized_fit_writes_config_metrics_and_summary(tmp_path, capsys):
     (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: not a run directory"),
     (["--federated.sharding", "table_wise"], "federated.sharding=table_wise splits the tables "
      "across ranks: launch with torchrun"),
-    (["--federated.sharding", "rows"], "federated.sharding"),
+    (["--federated.sharding", "rows"],
+     "federated.sharding: 'rows' is not one of 'none', 'table_wise', 'column_wise'"),
+    (["--federated.strategy.init_args.sparse_weighting", "tuoched"],
+     "federated.strategy.sparse_weighting: 'tuoched' is not one of 'touched', 'global'"),
+    (["--federated.strategy.class_path", "fltoolkit.strategies.FedOpt"],
+     "federated.strategy.class_path: expected an instantiatable class, but "
+     "fltoolkit.strategies.FedOpt is abstract"),
 ])
 def test_bad_config_fails_in_one_line_naming_the_key(tmp_path, capsys, args, message):
     assert _fit(tmp_path, "--run_dir", str(tmp_path / "run"), *args) == 2

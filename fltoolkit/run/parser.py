@@ -25,6 +25,8 @@ from fltoolkit.systems.config import SystemsConfig
 from fltoolkit.systems.devices import DeviceError
 from recsys.module import CTRModule
 
+# one per nesting level of jsonargparse's errors: the parts of the dotted key
+PARSER_KEY = r'Parser key "([^"]+)"'
 # user errors: reported as one line, never as a traceback
 FIT_ERRORS = (ConfigError, DataError, DeviceError, RunDirectoryError, CheckpointError,
               RunInterrupted, FloatingPointError)
@@ -101,7 +103,10 @@ class FltkCLI(LightningCLI):
 
 def condense_parse_error(message: str) -> str:
     """jsonargparse's nested, multi-line parse errors as one line naming the dotted key."""
-    keys = re.findall(r'Parser key "([^"]+)"', message)
+    refused = _wrong_choice(message) or _abstract_class(message)
+    if refused:
+        return refused
+    keys = re.findall(PARSER_KEY, message)
     unknown = re.search(r"Option '([^']+)' is not accepted", message)
     if unknown:
         owner = re.search(r"given class_path '([^']+)'", message)
@@ -121,6 +126,31 @@ def condense_parse_error(message: str) -> str:
     if keys and reasons:
         return f"{'.'.join(keys)}: {reasons[0]}"
     return reasons[0] if reasons else message
+
+
+def _wrong_choice(message: str) -> str | None:
+    """A value outside a Literal: the key, the value and the allowed values. The key leaves out
+    `init_args` (as jsonargparse's own messages do); the command line takes it either way."""
+    choice = re.search(r"Expected a (?:typing\.)?Literal\[(.*)\]\. Got value: (.*)", message)
+    if choice is None:
+        return None
+    key = _key_enclosing(message, choice.start())
+    return f"{key}: {choice.group(2)!r} is not one of {choice.group(1)}" if key else None
+
+
+def _abstract_class(message: str) -> str | None:
+    """An abstract class chosen by class_path (e.g. FedOpt), which no run can instantiate."""
+    abstract = re.search(r"Expected an instantiatable class, but ([\w.]+) is abstract", message)
+    if abstract is None:
+        return None
+    key = _key_enclosing(message, abstract.start())
+    return (f"{key}.class_path: expected an instantiatable class, but {abstract.group(1)} is "
+            "abstract") if key else None
+
+
+def _key_enclosing(message: str, position: int) -> str:
+    """The dotted key of the reason at `position`: the 'Parser key' lines above it."""
+    return ".".join(re.findall(PARSER_KEY, message[:position]))
 
 
 def constructor_error(message: str) -> str:
