@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import re
 from argparse import ArgumentError
+from importlib.resources import as_file
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import ActionConfigFile
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+import experiments
 from datamodules.base import CTRDataModule, DataError
 from fltoolkit.reports.config import ReportConfig
 from fltoolkit.reports.run_dir import RunDirectoryError
@@ -42,6 +45,31 @@ TRAINER_DEFAULTS = {
 }
 
 
+class ExperimentFile(ActionConfigFile):
+    """`--experiment`: a YAML file, or else the name of a built-in experiment (`taobao`,
+    `taobao.yaml`), so that the documented usage runs from any folder and any install."""
+
+    def __call__(self, parser: Any, cfg: Any, values: Any, option_string: str | None = None
+                 ) -> None:
+        if Path(values).is_file() or _is_inline_config(values):
+            super().__call__(parser, cfg, values, option_string)
+            return
+        built_in = experiments.find(values)
+        if built_in is None:
+            raise ConfigError(f"experiment: no file or built-in experiment named {values!r}; "
+                              f"built-in: {', '.join(experiments.names())}")
+        with as_file(built_in) as path:
+            super().__call__(parser, cfg, str(path), option_string)
+
+
+def _is_inline_config(value: str) -> bool:
+    """`--experiment '{seed: 1}'`: jsonargparse also reads YAML given inline."""
+    try:
+        return isinstance(yaml.safe_load(value), dict)
+    except yaml.YAMLError:
+        return False
+
+
 class FltkCLI(LightningCLI):
     """LightningCLI with `--experiment` as the config file and fltk's own sections."""
 
@@ -61,8 +89,11 @@ class FltkCLI(LightningCLI):
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         parser = self.parser_class(**kwargs)
-        parser.add_argument("--experiment", "-c", "--config", action=ActionConfigFile,
-                            help="Experiment YAML (the config file; later options override it).")
+        parser.add_argument("--experiment", "-c", "--config", action=ExperimentFile,
+                            help="Experiment YAML (the config file; later options override it): "
+                                 "a path, or the name of a built-in one: "
+                                 f"{', '.join(experiments.names())} (`fltk experiments` "
+                                 "describes them).")
         return parser
 
     def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
