@@ -11,7 +11,8 @@ import yaml
 
 from fltoolkit.run.cli import main
 
-EXPERIMENT = str(Path(__file__).resolve().parents[1] / "experiments" / "taobao.yaml")
+BUILT_IN = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENT = str(BUILT_IN / "taobao.yaml")
 
 
 def _fit(tmp_path: Path, *extra: str) -> int:
@@ -70,7 +71,13 @@ def test_centralized_fit_writes_config_metrics_and_summary(tmp_path, capsys):
     (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: not a run directory"),
     (["--federated.sharding", "table_wise"], "federated.sharding=table_wise splits the tables "
      "across ranks: launch with torchrun"),
-    (["--federated.sharding", "rows"], "federated.sharding"),
+    (["--federated.sharding", "rows"],
+     "federated.sharding: 'rows' is not one of 'none', 'table_wise', 'column_wise'"),
+    (["--federated.strategy.init_args.sparse_weighting", "tuoched"],
+     "federated.strategy.sparse_weighting: 'tuoched' is not one of 'touched', 'global'"),
+    (["--federated.strategy.class_path", "fltoolkit.strategies.FedOpt"],
+     "federated.strategy.class_path: expected an instantiatable class, but "
+     "fltoolkit.strategies.FedOpt is abstract"),
 ])
 def test_bad_config_fails_in_one_line_naming_the_key(tmp_path, capsys, args, message):
     assert _fit(tmp_path, "--run_dir", str(tmp_path / "run"), *args) == 2
@@ -85,6 +92,65 @@ def test_a_typo_inside_the_experiment_yaml_is_named(tmp_path, capsys):
     assert main(["fit", "--experiment", str(experiment)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown key federated.eval_intervall" in err[0]
+
+
+@pytest.mark.parametrize(("name", "data_class"), [
+    ("taobao", "datamodules.taobao.TaobaoDataModule"),
+    ("taobao.yaml", "datamodules.taobao.TaobaoDataModule"),
+    ("criteo", "datamodules.criteo.CriteoDataModule"),
+])
+def test_a_built_in_experiment_is_found_by_name_from_any_folder(tmp_path, monkeypatch, name,
+                                                                data_class):
+    from fltoolkit.run.parser import FltkCLI, experiment_name
+
+    monkeypatch.chdir(tmp_path)
+    cli = FltkCLI(["--experiment", name])
+    assert cli.config.data.class_path == data_class
+    assert experiment_name(cli.config) == name.removesuffix(".yaml")  # runs/<name>/
+
+
+def test_a_file_of_that_name_in_the_folder_wins_over_the_built_in(tmp_path, monkeypatch):
+    from fltoolkit.run.parser import FltkCLI
+
+    monkeypatch.chdir(tmp_path)
+    Path("taobao.yaml").write_text(Path(EXPERIMENT).read_text().replace("num_rows: 200000",
+                                                                        "num_rows: 5000"))
+    assert FltkCLI(["--experiment", "taobao.yaml"]).config.data.init_args.num_rows == 5000
+
+
+def test_python_entry_point_finds_a_built_in_experiment_by_name(tmp_path, monkeypatch):
+    import fltoolkit
+    from fltoolkit.run.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="federated.rounds must be >= 1"):  # parsed: found
+        fltoolkit.fit("taobao", federated={"rounds": 0})
+
+
+def test_an_unknown_experiment_fails_in_one_line_listing_the_built_in_ones(tmp_path, monkeypatch,
+                                                                          capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--experiment", "taobo"]) == 2
+    names = ", ".join(sorted(path.stem for path in BUILT_IN.glob("*.yaml")))
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"fltk fit: error: experiment: no file or built-in experiment named 'taobo'; "
+        f"built-in: {names}"]
+
+
+def test_fit_help_names_the_built_in_experiments(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps its lines
+    assert ", ".join(sorted(path.stem for path in BUILT_IN.glob("*.yaml"))) in help_text
+
+
+def test_experiments_command_lists_names_and_first_comment_lines(capsys):
+    assert main(["experiments"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    for path in BUILT_IN.glob("*.yaml"):
+        first_comment = next(line for line in path.read_text().splitlines()
+                             if line.startswith("#"))
+        assert any(line.split() == [path.stem, *first_comment.split()[1:]] for line in listed)
 
 
 def test_missing_data_file_fails_before_training(tmp_path, capsys):

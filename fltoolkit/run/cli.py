@@ -1,6 +1,7 @@
-"""`fltk`: the command line. `fltk fit --experiment X.yaml [--key.sub value ...]` trains (see
-`fltoolkit.run.fit`); `fltk report RUN_DIR ...` rebuilds reports. Each command imports what it needs
-only when run, so `fltk report` and `fltk help` do not pay for torch and Lightning.
+"""`fltk`: the command line. `fltk fit --experiment X [--key.sub value ...]` trains (see
+`fltoolkit.run.fit`); `fltk report RUN_DIR ...` rebuilds reports; `fltk experiments` lists the
+built-in experiments. Each command imports what it needs only when run, so `fltk report`,
+`fltk experiments` and `fltk help` do not pay for torch and Lightning.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ log = logging.getLogger("fltk")
 USAGE = """usage: fltk COMMAND [options]
 
 commands:
-  fit     train a model (federated or centralized) as an experiment YAML describes
-          e.g. fltk fit --experiment experiments/taobao.yaml --model.embedding_dim 32
-  report  regenerate a run's plots and report: fltk report RUN_DIR
-          compare runs: fltk report RUN_DIR RUN_DIR [...] --out DIR
-  help    this message; `fltk fit --help` lists every option of an experiment
+  fit          train a model (federated or centralized) as an experiment YAML describes
+               e.g. fltk fit --experiment taobao --model.embedding_dim 32
+               (--experiment takes a path, or the name of a built-in experiment)
+  experiments  list the built-in experiments
+  report       regenerate a run's plots and report: fltk report RUN_DIR
+               compare runs: fltk report RUN_DIR RUN_DIR [...] --out DIR
+  help         this message; `fltk fit --help` lists every option of an experiment
 """
 
 
@@ -70,12 +73,25 @@ def report(args: list[str]) -> Path:
     return html
 
 
+def built_in_experiments() -> str:
+    """`fltk experiments`: each built-in experiment's name and what it runs."""
+    import experiments
+
+    names = experiments.names()
+    width = max(map(len, names))
+    return "\n".join(["built-in experiments (fltk fit --experiment NAME):",
+                      *(f"  {name:<{width}}  {experiments.description(name)}" for name in names)])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("help", "-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "experiments":
+        print(built_in_experiments())
+        return 0
     if command not in ("fit", "report"):
         print(f"fltk: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

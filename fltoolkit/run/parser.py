@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import re
 from argparse import ArgumentError
+from importlib.resources import as_file
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import ActionConfigFile
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+import experiments
 from datamodules.base import CTRDataModule, DataError
 from fltoolkit.reports.config import ReportConfig
 from fltoolkit.reports.run_dir import RunDirectoryError
@@ -26,6 +29,8 @@ from fltoolkit.systems.config import SystemsConfig
 from fltoolkit.systems.devices import DeviceError
 from recsys.module import CTRModule
 
+# one per nesting level of jsonargparse's errors: the parts of the dotted key
+PARSER_KEY = r'Parser key "([^"]+)"'
 # user errors: reported as one line, never as a traceback
 FIT_ERRORS = (ConfigError, DataError, DeviceError, RunDirectoryError, CheckpointError,
               RunInterrupted, FloatingPointError)
@@ -39,6 +44,31 @@ TRAINER_DEFAULTS = {
     "accelerator": "cpu",
     "devices": 1,
 }
+
+
+class ExperimentFile(ActionConfigFile):
+    """`--experiment`: a YAML file, or else the name of a built-in experiment (`taobao`,
+    `taobao.yaml`), so that the documented usage runs from any folder and any install."""
+
+    def __call__(self, parser: Any, cfg: Any, values: Any, option_string: str | None = None
+                 ) -> None:
+        if Path(values).is_file() or _is_inline_config(values):
+            super().__call__(parser, cfg, values, option_string)
+            return
+        built_in = experiments.find(values)
+        if built_in is None:
+            raise ConfigError(f"experiment: no file or built-in experiment named {values!r}; "
+                              f"built-in: {', '.join(experiments.names())}")
+        with as_file(built_in) as path:
+            super().__call__(parser, cfg, str(path), option_string)
+
+
+def _is_inline_config(value: str) -> bool:
+    """`--experiment '{seed: 1}'`: jsonargparse also reads YAML given inline."""
+    try:
+        return isinstance(yaml.safe_load(value), dict)
+    except yaml.YAMLError:
+        return False
 
 
 class FltkCLI(LightningCLI):
@@ -60,8 +90,11 @@ class FltkCLI(LightningCLI):
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         parser = self.parser_class(**kwargs)
-        parser.add_argument("--experiment", "-c", "--config", action=ActionConfigFile,
-                            help="Experiment YAML (the config file; later options override it).")
+        parser.add_argument("--experiment", "-c", "--config", action=ExperimentFile,
+                            help="Experiment YAML (the config file; later options override it): "
+                                 "a path, or the name of a built-in one: "
+                                 f"{', '.join(experiments.names())} (`fltk experiments` "
+                                 "describes them).")
         return parser
 
     def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -103,7 +136,10 @@ class FltkCLI(LightningCLI):
 
 def condense_parse_error(message: str) -> str:
     """jsonargparse's nested, multi-line parse errors as one line naming the dotted key."""
-    keys = re.findall(r'Parser key "([^"]+)"', message)
+    refused = _wrong_choice(message) or _abstract_class(message)
+    if refused:
+        return refused
+    keys = re.findall(PARSER_KEY, message)
     unknown = re.search(r"Option '([^']+)' is not accepted", message)
     if unknown:
         owner = re.search(r"given class_path '([^']+)'", message)
@@ -123,6 +159,31 @@ def condense_parse_error(message: str) -> str:
     if keys and reasons:
         return f"{'.'.join(keys)}: {reasons[0]}"
     return reasons[0] if reasons else message
+
+
+def _wrong_choice(message: str) -> str | None:
+    """A value outside a Literal: the key, the value and the allowed values. The key leaves out
+    `init_args` (as jsonargparse's own messages do); the command line takes it either way."""
+    choice = re.search(r"Expected a (?:typing\.)?Literal\[(.*)\]\. Got value: (.*)", message)
+    if choice is None:
+        return None
+    key = _key_enclosing(message, choice.start())
+    return f"{key}: {choice.group(2)!r} is not one of {choice.group(1)}" if key else None
+
+
+def _abstract_class(message: str) -> str | None:
+    """An abstract class chosen by class_path (e.g. FedOpt), which no run can instantiate."""
+    abstract = re.search(r"Expected an instantiatable class, but ([\w.]+) is abstract", message)
+    if abstract is None:
+        return None
+    key = _key_enclosing(message, abstract.start())
+    return (f"{key}.class_path: expected an instantiatable class, but {abstract.group(1)} is "
+            "abstract") if key else None
+
+
+def _key_enclosing(message: str, position: int) -> str:
+    """The dotted key of the reason at `position`: the 'Parser key' lines above it."""
+    return ".".join(re.findall(PARSER_KEY, message[:position]))
 
 
 def constructor_error(message: str) -> str:
