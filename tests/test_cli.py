@@ -71,6 +71,9 @@ def test_centralized_fit_writes_config_metrics_and_summary(tmp_path, capsys):
     (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: not a run directory"),
     (["--federated.sharding", "table_wise"], "federated.sharding=table_wise splits the tables "
      "across ranks: launch with torchrun"),
+    (["--federated.strategy.class_path", "fltoolkit.strategies.FedAdam",
+      "--federated.strategy.init_args.sparse_weighting", "tuoched"],
+     "federated.strategy.sparse_weighting: 'tuoched' is not one of 'touched', 'global'"),
     (["--federated.sharding", "rows"],
      "federated.sharding: 'rows' is not one of 'none', 'table_wise', 'column_wise'"),
     (["--federated.strategy.init_args.sparse_weighting", "tuoched"],
@@ -208,9 +211,10 @@ def test_systems_add_a_simulated_clock_to_metrics_and_summary(tmp_path):
 
 def test_fedscale_pickles_need_the_explicit_flag(tmp_path, capsys):
     (tmp_path / "capacity").write_bytes(b"not read")
-    assert _fit(tmp_path, "--systems.enabled", "true",
+    assert _fit(tmp_path, "--systems.enabled", "true", "--run_dir", str(tmp_path / "run"),
                 "--systems.fedscale_capacity", str(tmp_path / "capacity")) == 2
     assert "--systems.allow_pickle true" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_override_args_flatten_sections_into_options():

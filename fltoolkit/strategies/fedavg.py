@@ -19,6 +19,8 @@ from fltoolkit.strategies.base import (
 )
 from fltoolkit.training.updates import ClientUpdate
 
+SparseWeighting = Literal["touched", "global"]
+
 
 class FedAvg(Strategy):
     """w <- w + server_lr * (sum_k n_k delta_k / sum_k n_k).
@@ -34,7 +36,7 @@ class FedAvg(Strategy):
     name = "FedAvg"
 
     def __init__(self, *, server_lr: float = 1.0,
-                 sparse_weighting: Literal["touched", "global"] = "touched",
+                 sparse_weighting: SparseWeighting = "touched",
                  weighted: bool = True) -> None:
         if server_lr <= 0:
             raise ValueError(f"strategy server_lr must be > 0, got {server_lr}")

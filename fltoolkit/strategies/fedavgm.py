@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fltoolkit.strategies.fedavg import SparseWeighting
 from fltoolkit.strategies.fedopt import ServerOptimizer
 
 
@@ -23,7 +24,7 @@ class FedAvgM(ServerOptimizer):
     name = "FedAvgM"
 
     def __init__(self, *, server_lr: float = 1.0, momentum: float = 0.9,
-                 sparse_weighting: str = "touched", weighted: bool = True) -> None:
+                 sparse_weighting: SparseWeighting = "touched", weighted: bool = True) -> None:
         super().__init__(server_lr=server_lr, sparse_weighting=sparse_weighting,
                          weighted=weighted)
         self.momentum = momentum

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fltoolkit.strategies.base import ServerModel
-from fltoolkit.strategies.fedavg import FedAvg
+from fltoolkit.strategies.fedavg import FedAvg, SparseWeighting
 from fltoolkit.training.updates import ClientUpdate
 
 
@@ -30,7 +30,7 @@ class ServerOptimizer(FedAvg):
         sparse_weighting, weighted: as in FedAvg.
     """
 
-    def __init__(self, *, server_lr: float, sparse_weighting: str = "touched",
+    def __init__(self, *, server_lr: float, sparse_weighting: SparseWeighting = "touched",
                  weighted: bool = True) -> None:
         super().__init__(server_lr=server_lr, sparse_weighting=sparse_weighting,
                          weighted=weighted)
@@ -83,7 +83,7 @@ class FedOpt(ServerOptimizer):
     """
 
     def __init__(self, *, server_lr: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99,
-                 tau: float = 1e-3, sparse_weighting: str = "touched",
+                 tau: float = 1e-3, sparse_weighting: SparseWeighting = "touched",
                  weighted: bool = True) -> None:
         super().__init__(server_lr=server_lr, sparse_weighting=sparse_weighting,
                          weighted=weighted)

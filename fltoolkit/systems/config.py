@@ -36,6 +36,10 @@ class SystemsConfig:
                  min_updates: int = 1) -> None:
         if devices and fedscale_capacity:
             raise ValueError("set at most one of systems.devices and systems.fedscale_capacity")
+        if (fedscale_capacity or fedscale_behave) and not allow_pickle:
+            raise ValueError("systems.fedscale_capacity / fedscale_behave are Python pickles, and "
+                             "loading a pickle can run arbitrary code; pass "
+                             "--systems.allow_pickle true if you trust the files")
         self.enabled = enabled
         self.devices = devices
         self.fedscale_capacity = fedscale_capacity
