@@ -74,10 +74,11 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, capsys):
     main(["fit", *_args(tmp_path), "--run_dir", str(tmp_path / "warm")])  # data cache
     killed, stopped = tmp_path / "killed", tmp_path / "stopped"
     processes = {killed: _start(tmp_path, killed), stopped: _start(tmp_path, stopped)}
-    _wait_for_round(processes[killed], killed, 3)
-    processes[killed].send_signal(signal.SIGKILL)  # mid-way between checkpoints 2 and 4
+    # the earlier signal first: a run that reached its end before its signal would not stop
     _wait_for_round(processes[stopped], stopped, 1)
     processes[stopped].send_signal(signal.SIGTERM)
+    _wait_for_round(processes[killed], killed, 3)
+    processes[killed].send_signal(signal.SIGKILL)  # mid-way between checkpoints 2 and 4
     assert processes[killed].wait() == -signal.SIGKILL
     _, err = processes[stopped].communicate()
     assert processes[stopped].returncode == 130, err
