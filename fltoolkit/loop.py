@@ -34,7 +34,7 @@ from fltoolkit.server.aggregation import aggregate_or_roll_back
 from fltoolkit.server.evaluation import Evaluation, evaluate
 from fltoolkit.server.held_out import HeldOutTest
 from fltoolkit.server.tables import ServerTables, ShardedServerTables
-from fltoolkit.systems.admission import Admitted, admission
+from fltoolkit.systems.admission import Admitted, admission_for
 from fltoolkit.systems.config import SystemsConfig
 from fltoolkit.training.cohort import CohortPlanner
 from fltoolkit.training.optimizer_state import ClientOptimizerStates
@@ -136,7 +136,7 @@ class FederatedLoop:
                                             if name not in local}))
         self.strategy, self.selector = config.strategy, config.selector
         self.selector.bind(num_clients, seed)
-        self.admission = admission(systems, num_clients, seed)
+        self.admission = admission_for(systems, num_clients, seed)
         self.planner = CohortPlanner(
             data.train, self.parts.tables, config.schedule(),
             uploaded=[name for name in self.parts.tables if name not in local],

@@ -11,7 +11,7 @@ best round to report.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 METRIC_KEYS = ("auc", "logloss", "ne", "gauc", "calibration")
@@ -27,7 +27,7 @@ class HeldOutTest:
     """
 
     last: dict[str, Any] | None = None
-    best: dict[str, Any] | None = field(default=None)
+    best: dict[str, Any] | None = None
 
     def observe(self, round_index: int, validation: dict[str, float],
                 test: dict[str, float]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -47,7 +47,7 @@ class Admitted:
     dropped: int = 0
     stragglers: int = 0
     skipped: bool = False
-    durations: dict[int, float] | None = field(default=None)
+    durations: dict[int, float] | None = None
     seconds: float = 0.0
 
 
@@ -134,7 +134,7 @@ class DeviceAdmission(Admission):
         self.sim_time_s = state["sim_time_s"]
 
 
-def admission(systems: SystemsConfig | None, num_clients: int, seed: int) -> Admission:
+def admission_for(systems: SystemsConfig | None, num_clients: int, seed: int) -> Admission:
     """Device admission when `systems` is enabled, else everyone trains."""
     if systems is not None and systems.enabled:
         return DeviceAdmission(num_clients, systems, seed)
