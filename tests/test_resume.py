@@ -143,6 +143,9 @@ def test_loop_state_round_trips_through_a_checkpoint_file(synthetic_data, tmp_pa
     second = build()
     load_loop_state(second, load_latest(tmp_path)[1])
     assert second.trainer.optimizer_states.states  # the clients' Adam moments came back
+    # clients.csv is written at the end from the last evaluation: a run resumed after its
+    # last checkpoint evaluates nothing more and must still write it
+    assert second.test_clients.height and second.test_clients.equals(first.test_clients)
     # rank 1 of 2 keeps only its own (odd) clients' state: stale copies of rank 0's clients
     # would otherwise overwrite rank 0's newer ones when the next checkpoint merges them
     odd = build()

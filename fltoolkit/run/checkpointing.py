@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import polars as pl
 import torch
 import yaml
 
@@ -83,6 +84,8 @@ def loop_state(loop: FederatedLoop) -> dict[str, Any]:
         "participation": torch.from_numpy(loop.participation.copy()),
         "history": list(loop.history),
         "held_out": loop.held_out.state_dict(),
+        "test_clients": {name: loop.test_clients[name].to_torch()
+                         for name in loop.test_clients.columns},
         "last": dict(loop.last),
         "since_evaluation": asdict(loop.since_evaluation),
         "totals": asdict(loop.totals),
@@ -109,6 +112,9 @@ def load_loop_state(loop: FederatedLoop, state: dict[str, Any]) -> None:
     loop.participation = state["participation"].numpy().copy()
     loop.history, loop.last = list(state["history"]), dict(state["last"])
     loop.held_out.load_state_dict(state["held_out"])
+    loop.test_clients = pl.DataFrame({name: values.numpy()
+                                      for name, values in state["test_clients"].items()}
+                                     ).with_columns(pl.col("test_auc").fill_nan(None))
     loop.since_evaluation = RoundRow(**{**state["since_evaluation"],
                                         "losses": tuple(state["since_evaluation"]["losses"])})
     loop.totals = RoundRow(**{**state["totals"], "losses": tuple(state["totals"]["losses"])})
