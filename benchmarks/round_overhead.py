@@ -125,7 +125,7 @@ def main() -> None:
             plain_time = _time_plain(module, dm.data.train, batches)
             rows = torch.cat(batches)
             central_batches = list(rows[torch.randperm(rows.numel())].split(
-                loop.trainer.schedule.batch_size))
+                loop.planner.schedule.batch_size))
             central_time = _time_plain(module, dm.data.train, central_batches)
             if repeat:
                 fl.append(fl_time), plain.append(plain_time), central.append(central_time)
