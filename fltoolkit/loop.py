@@ -155,7 +155,7 @@ class FederatedLoop:
         self.held_out = HeldOutTest()
         self.test_clients = pl.DataFrame(schema={"client": pl.Int64, "test_rows": pl.Int64,
                                                  "test_auc": pl.Float64})
-        if data.validation is None:
+        if data.validation is None and self.ranks.is_main:
             log.warning("the data has no validation split: evaluations during training score "
                         "the test split, so settings chosen on them are tuned on test")
 

@@ -173,3 +173,14 @@ def test_resuming_drops_rows_after_the_checkpoint_and_a_half_written_row(tmp_pat
     resumed.append({"round": 3, "bytes": 31})
     assert (tmp_path / "rounds.csv").read_text().splitlines() == [
         "round,bytes", "1,10", "2,20", "3,31"]
+
+
+def test_a_checkpoint_of_another_version_is_refused_by_name(synthetic_data):
+    from fltoolkit.run.checkpointing import CheckpointError
+    from tests.test_federated import _loop
+
+    loop = _loop(synthetic_data, rounds=1)
+    state = loop_state(loop)
+    del state["held_out"]
+    with pytest.raises(CheckpointError, match="has no 'held_out'.*another version of fltk"):
+        load_loop_state(_loop(synthetic_data, rounds=1), state)

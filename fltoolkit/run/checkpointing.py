@@ -95,7 +95,16 @@ def loop_state(loop: FederatedLoop) -> dict[str, Any]:
 
 def load_loop_state(loop: FederatedLoop, state: dict[str, Any]) -> None:
     """Continue from `loop_state`'s output (the same experiment, built afresh)."""
-    from fltoolkit.loop import RoundRow
+    try:
+        _restore(loop, state)
+    except KeyError as error:
+        raise CheckpointError(f"the checkpoint has no {error.args[0]!r}: it was written by "
+                              "another version of fltk and cannot be resumed by this one"
+                              ) from error
+
+
+def _restore(loop: FederatedLoop, state: dict[str, Any]) -> None:
+    from fltoolkit.loop import RoundRow  # here: fltoolkit.loop imports this module
 
     loop.module.load_state_dict(state["module"])
     loop.strategy.load_state_dict(state["strategy"])

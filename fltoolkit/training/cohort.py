@@ -95,7 +95,7 @@ class Cohort:
         new_starts = [0, *accumulate(self.samples_trained[s] for s in slots)]
         steps = [[slice(step.start - starts[s] + begin, step.stop - starts[s] + begin)
                   for step in self.steps[s]] for s, begin in zip(slots, new_starts, strict=False)]
-        sparse = self.sparse[order].clone()
+        sparse = self.sparse[order]  # a copy: indexing gathers
         row_ids, segments = {}, {}
         for name, columns in self.columns.items():
             bounds = self.segments[name]
