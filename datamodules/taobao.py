@@ -30,7 +30,7 @@ from datamodules.rank_auc import auc
 
 log = logging.getLogger("fltk.data")
 
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"
 MISSING_INDEX = 0  # the value was absent in the raw data
 OOV_INDEX = 1  # the value was not in the train vocabulary (unseen or rarer than min_count)
 FIRST_VOCAB_INDEX = 2
@@ -228,13 +228,16 @@ class TaobaoDataModule(ClickLogDataModule):
 
     def _joined(self, raw: pl.LazyFrame, profile: pl.LazyFrame,
                 ads: pl.LazyFrame) -> pl.LazyFrame:
-        """raw_sample left-joined to the user profile and the ad features, with the split flag."""
+        """raw_sample left-joined to the user profile and the ad features, with the local day,
+        the hour, and each row's position in raw_sample (`_row`): the joins do not keep the
+        file's order, and it settles the order of a user's impressions of the same second."""
         profile = profile.rename({"userid": "user"})
         seconds_per_day = 86_400
         local_day = (pl.col("time_stamp") + self.utc_offset_hours * 3600) // seconds_per_day
         hour = ((pl.col("time_stamp") + self.utc_offset_hours * 3600) % seconds_per_day) // 3600
         return (
-            raw.join(profile.unique("user", keep="first"), on="user", how="left")
+            raw.with_row_index("_row")
+            .join(profile.unique("user", keep="first"), on="user", how="left")
             .join(ads.unique("adgroup_id", keep="first"), on="adgroup_id", how="left")
             .with_columns(local_day.alias("_day"), hour.alias("hour"))
         )
@@ -254,42 +257,17 @@ class TaobaoDataModule(ClickLogDataModule):
             raise DataError(f"{source / RAW_SAMPLE}: no rows")
         test_start = last_day - self.test_days + 1
         validation_start = test_start - self.validation_days
-        day = pl.col("_day")
-        keep = {"train": day < validation_start}
-        if self.validation_days:
-            keep["validation"] = day.is_between(validation_start, test_start, closed="left")
-        keep["test"] = day >= test_start
+        keep = self._split_days(validation_start, test_start)
         train = joined.filter(keep["train"])
-
-        log.info("data: building train vocabularies for %d features", len(self.sparse_features))
-        encoded, cardinalities = [], []
-        for name in self.sparse_features:
-            vocab = (
-                train.select(name).drop_nulls().group_by(name).len()
-                .filter(pl.col("len") >= self.min_count).sort(name).collect()
-            )[name]
-            indices = pl.int_range(FIRST_VOCAB_INDEX, FIRST_VOCAB_INDEX + len(vocab), eager=True)
-            encoded.append(
-                pl.when(pl.col(name).is_null()).then(pl.lit(MISSING_INDEX, pl.Int32))
-                .otherwise(pl.col(name).replace_strict(vocab, indices, default=OOV_INDEX,
-                                                       return_dtype=pl.Int32))
-                .alias(f"s_{name}")
-            )
-            cardinalities.append(FIRST_VOCAB_INDEX + len(vocab))
-
-        log_price = pl.col("price").log1p()
-        stats = train.select(log_price.mean().alias("mean"), log_price.std().alias("std")).collect()
-        price_mean = float(stats["mean"][0] or 0.0)
-        price_std = float(stats["std"][0] or 1.0) or 1.0
-        dense = {"price": ((log_price - price_mean) / price_std).fill_null(0.0)}
-        dense_exprs = [dense[n].cast(pl.Float32).alias(f"d_{n}") for n in self.dense_features]
+        encoded, cardinalities = self._encoded_sparse(train)
+        dense_exprs, price_mean, price_std = self._standardized_dense(train)
 
         columns = [pl.col("user"), pl.col("clk").cast(pl.Float32).alias("label"),
                    *encoded, *dense_exprs]
         counts = {}
         for split, rows in keep.items():
             log.info("data: writing the %s split", split)
-            (joined.filter(rows).sort(["user", "time_stamp"], maintain_order=True)
+            (joined.filter(rows).sort(["user", "time_stamp", "_row"])
              .select(columns).sink_parquet(out / f"{split}.parquet"))
             written = pl.scan_parquet(out / f"{split}.parquet")
             counts[split] = written.select(pl.len()).collect().item()
@@ -316,6 +294,49 @@ class TaobaoDataModule(ClickLogDataModule):
         if synthetic.is_file():
             meta["oracle_auc"] = json.loads(synthetic.read_text())["oracle_auc"]
         return meta
+
+    def _split_days(self, validation_start: int, test_start: int) -> dict[str, pl.Expr]:
+        """Which rows each split keeps, by local day: train, validation (if any), test."""
+        day = pl.col("_day")
+        keep = {"train": day < validation_start}
+        if self.validation_days:
+            keep["validation"] = day.is_between(validation_start, test_start, closed="left")
+        keep["test"] = day >= test_start
+        return keep
+
+    def _encoded_sparse(self, train: pl.LazyFrame) -> tuple[list[pl.Expr], list[int]]:
+        """Each sparse feature as vocabulary indices built on the train rows only (missing and
+        out-of-vocabulary values get their own indices), and each vocabulary's size."""
+        log.info("data: building train vocabularies for %d features", len(self.sparse_features))
+        encoded, cardinalities = [], []
+        for name in self.sparse_features:
+            vocab = (
+                train.select(name).drop_nulls().group_by(name).len()
+                .filter(pl.col("len") >= self.min_count).sort(name).collect()
+            )[name]
+            indices = pl.int_range(FIRST_VOCAB_INDEX, FIRST_VOCAB_INDEX + len(vocab), eager=True)
+            encoded.append(
+                pl.when(pl.col(name).is_null()).then(pl.lit(MISSING_INDEX, pl.Int32))
+                .otherwise(pl.col(name).replace_strict(vocab, indices, default=OOV_INDEX,
+                                                       return_dtype=pl.Int32))
+                .alias(f"s_{name}")
+            )
+            cardinalities.append(FIRST_VOCAB_INDEX + len(vocab))
+        return encoded, cardinalities
+
+    def _standardized_dense(self, train: pl.LazyFrame
+                            ) -> tuple[list[pl.Expr], float, float]:
+        """The dense features (log1p price, standardized with the train rows' statistics),
+        and that mean and standard deviation. The statistics are summed over sorted values:
+        a parallel sum in the order the joins happen to leave gave other last digits from
+        run to run, and so other inputs."""
+        log_price = pl.col("price").log1p()
+        values = np.sort(train.select(log_price).drop_nulls().collect().to_series().to_numpy())
+        price_mean = float(values.mean()) if values.size else 0.0
+        price_std = (float(values.std(ddof=1)) if values.size > 1 else 1.0) or 1.0
+        dense = {"price": ((log_price - price_mean) / price_std).fill_null(0.0)}
+        return ([dense[n].cast(pl.Float32).alias(f"d_{n}") for n in self.dense_features],
+                price_mean, price_std)
 
     @staticmethod
     def _popularity_baseline(train: pl.LazyFrame, test: pl.LazyFrame) -> float | None:
