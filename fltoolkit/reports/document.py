@@ -22,8 +22,9 @@ from fltoolkit.reports.record import RunRecord
 # Keys of summary.json (or of the last evaluation) shown for a run, in this order.
 ABOUT_STRATEGY = ("mode", "strategy")  # the strategy's hyper-parameters follow these
 ABOUT_RUN = ("selector", "rounds", "epochs", "clients_per_round", "local_tables",
-             "num_train", "num_test", "num_clients", "model_parameters")
-FINAL_METRICS = ("auc", "logloss", "ne", "gauc", "calibration", "sim_time_s", "wall_time_s",
+             "num_train", "num_validation", "num_test", "num_clients", "model_parameters")
+FINAL_METRICS = ("auc", "logloss", "ne", "gauc", "calibration", "evaluated_on", "best_round",
+                 "best_validation_auc", "sim_time_s", "wall_time_s",
                  "clients_seen", "bytes_up_total", "bytes_down_total", "target_auc",
                  "rounds_to_target", "time_to_target")
 COMPARED = ("mode", "strategy", "selector", "rounds", "auc", "logloss", "gauc", "calibration",

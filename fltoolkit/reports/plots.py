@@ -73,9 +73,11 @@ def write_comparison_plots(records: list[RunRecord], out_dir: Path) -> list[Plot
     out_dir.mkdir(parents=True, exist_ok=True)
     step = _step_name(records)
     plots = [
-        _lines_plot([_run_line(r, "round", "auc") for r in records], step, "test AUC",
+        _lines_plot([_run_line(r, "round", "auc") for r in records], step,
+                    f"{_split(records)} AUC",
                     out_dir / "compare_auc_vs_round.png", f"AUC vs {step}", integer_x=True),
-        _lines_plot([_run_line(r, "round", "logloss") for r in records], step, "test logloss",
+        _lines_plot([_run_line(r, "round", "logloss") for r in records], step,
+                    f"{_split(records)} logloss",
                     out_dir / "compare_logloss_vs_round.png", f"Logloss vs {step}",
                     integer_x=True),
     ]
@@ -83,7 +85,7 @@ def write_comparison_plots(records: list[RunRecord], out_dir: Path) -> list[Plot
     if lasts:
         scale, unit = _time_unit(max(lasts))
         plots.append(_lines_plot([_run_line(r, "sim_time_s", "auc", scale) for r in records],
-                                 f"simulated time ({unit})", "test AUC",
+                                 f"simulated time ({unit})", f"{_split(records)} AUC",
                                  out_dir / "compare_auc_vs_time.png", "AUC vs simulated time"))
     return [plot for plot in plots if plot is not None]
 
@@ -102,8 +104,8 @@ def _quality_plot(record: RunRecord, x: str, scale: float, xlabel: str, path: Pa
         if isinstance(record.summary.get(key), int | float):
             top.axhline(record.summary[key], color="grey", linestyle=style, label=label)
     bottom.plot(xs, data["logloss"].to_numpy(), marker=".", color="tab:orange")
-    _finish_axes(top, None, "test AUC")
-    _finish_axes(bottom, xlabel, "test logloss", integer_x=x == "round")
+    _finish_axes(top, None, f"{_split([record])} AUC")
+    _finish_axes(bottom, xlabel, f"{_split([record])} logloss", integer_x=x == "round")
     return _save(fig, title, path)
 
 
@@ -167,6 +169,13 @@ def _pooled_auc(record: RunRecord) -> float | None:
         return record.summary["auc"]
     aucs = _finite(record.evaluations, "auc")["auc"]
     return aucs[-1] if aucs.len() else None
+
+
+def _split(records: list[RunRecord]) -> str:
+    """Which split the runs' evaluations scored (metrics.csv): validation, or test for data
+    without one; "evaluation" when the runs differ or do not say (interrupted runs)."""
+    splits = {r.summary.get("evaluated_on") for r in records}
+    return splits.pop() if len(splits) == 1 and None not in splits else "evaluation"
 
 
 def _step_name(records: list[RunRecord]) -> str:

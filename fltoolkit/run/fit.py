@@ -131,8 +131,11 @@ def run_experiment(cli: Any, name: str, ranks: Ranks) -> Path | None:
                      cli.model, sharded, time.perf_counter() - started)
     run_dir.write_summary(result)
     _, html = build_run_report(run_dir.path)
-    log.info("final: auc %.4f (baseline %s, oracle %s) -> %s", result["auc"],
-             _fmt(result.get("baseline_auc")), _fmt(result.get("oracle_auc")), html)
+    validation = result.get("validation") or {}
+    log.info("final: test auc %.4f (validation %s, best validation round %s; baseline %s, "
+             "oracle %s) -> %s", result["auc"], _fmt(validation.get("auc")),
+             result.get("best_round", "n/a"), _fmt(result.get("baseline_auc")),
+             _fmt(result.get("oracle_auc")), html)
     return run_dir.path
 
 
