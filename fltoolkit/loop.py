@@ -182,10 +182,6 @@ class FederatedLoop:
                 raise RunInterrupted(round_index)
         return self._final_row()
 
-    def request_stop(self) -> None:
-        """Stop after the current round, once its checkpoint is written (signal handlers)."""
-        self.stop_requested = True
-
     def run_round(self, round_index: int) -> RoundRow:
         """One round: select and admit, then train, gate, aggregate and feed back."""
         started = time.perf_counter()
@@ -203,6 +199,8 @@ class FederatedLoop:
         return row
 
     def _train_and_aggregate(self, round_index: int, admitted: Admitted) -> RoundRow:
+        """Train this rank's share of the cohort, gate every update, let the accepted clients
+        keep their state, aggregate and feed back."""
         cohort = admitted.cohort
         mine = cohort.subset([slot for slot, client in enumerate(cohort.clients)
                               if self.ranks.owns(client)])
@@ -291,3 +289,7 @@ class FederatedLoop:
                               "train_rows": train.client_sizes().numpy(),
                               "participation": self.participation})
         return frame.join(self.test_clients, on="client", how="left")
+
+    def request_stop(self) -> None:
+        """Stop after the current round, once its checkpoint is written (signal handlers)."""
+        self.stop_requested = True
