@@ -87,3 +87,34 @@ def test_oort_explores_fast_devices_first_once_their_times_are_known():
     # drawn in proportion to the penalty: 1/3 each for 0, 1, 3; about 1/30000 for client 2
     np.testing.assert_allclose(share[[0, 1, 3]], 1 / 3, atol=0.04)
     assert share[2] < 0.002
+
+
+def test_epoch_selector_takes_every_client_once_per_pass_in_a_seeded_order():
+    from fltoolkit.selection import EpochSelector
+
+    selector, again = EpochSelector(), EpochSelector()
+    selector.bind(10, seed=4), again.bind(10, seed=4)
+    rounds = [selector.select(r, 4).tolist() for r in range(1, 7)]
+    assert rounds == [again.select(r, 4).tolist() for r in range(1, 7)]
+    assert [len(chosen) for chosen in rounds] == [4, 4, 2, 4, 4, 2]  # a pass ends short
+    for first_round in (0, 3):  # each pass: all ten clients, none twice
+        assert sorted(sum(rounds[first_round:first_round + 3], [])) == list(range(10))
+    assert rounds[:3] != rounds[3:]  # a new order every pass
+    assert selector.passes == 1
+
+
+def test_epoch_selector_keeps_an_offline_clients_turn_and_resumes_exactly():
+    from fltoolkit.selection import EpochSelector
+
+    selector = EpochSelector()
+    selector.bind(6, seed=0)
+    order = selector.remaining.tolist()
+    online = np.ones(6, dtype=bool)
+    online[order[0]] = False  # the first in line is offline this round
+    assert selector.select(1, 2, online).tolist() == sorted(order[1:3])
+    state = selector.state_dict()
+    resumed = EpochSelector()
+    resumed.bind(6, seed=99)
+    resumed.load_state_dict(state)
+    assert resumed.select(2, 2).tolist() == sorted([order[0], order[3]])  # its turn kept
+    assert selector.select(2, 2).tolist() == sorted([order[0], order[3]])  # as uninterrupted

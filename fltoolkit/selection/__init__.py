@@ -1,7 +1,9 @@
-"""Client selectors, chosen by class_path (fltoolkit.selection.UniformSelector, Oort)."""
+"""Client selectors, chosen by class_path (fltoolkit.selection.UniformSelector, Oort,
+EpochSelector)."""
 
 from fltoolkit.selection.base import ClientSelector
+from fltoolkit.selection.epoch import EpochSelector
 from fltoolkit.selection.oort import Oort
 from fltoolkit.selection.uniform import UniformSelector
 
-__all__ = ["ClientSelector", "Oort", "UniformSelector"]
+__all__ = ["ClientSelector", "EpochSelector", "Oort", "UniformSelector"]
