@@ -56,6 +56,38 @@ def _setup(rows: int, table_rows: int, clients_per_round: int):
     return dm, module, FederatedLoop(module, dm.data, config, seed=0)
 
 
+class _StepTimes:
+    """Wall seconds spent in each step of the loop's rounds, by wrapping the step callables
+    (planning the cohort, local training, splitting and checking the deltas, the gate,
+    aggregation); what is left of a round is bookkeeping."""
+
+    def __init__(self, loop) -> None:
+        import fltoolkit.loop as loop_module
+
+        self.seconds: dict[str, float] = {}
+        loop.planner.plan_round = self._timed("plan", loop.planner.plan_round)
+        loop.trainer.train_round = self._timed("train", loop.trainer.train_round)
+        loop.trainer._updates = self._timed("split_and_check", loop.trainer._updates)
+        loop.gate.screen = self._timed("gate", loop.gate.screen)
+        loop_module.aggregate_or_roll_back = self._timed(
+            "aggregate", loop_module.aggregate_or_roll_back)
+
+    def _timed(self, name: str, step):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        return timed
+
+    def per_round_ms(self, rounds: int) -> dict[str, float]:
+        """Milliseconds per round; local training without the split it contains."""
+        ms = {name: 1000 * seconds / rounds for name, seconds in self.seconds.items()}
+        ms["train"] -= ms.get("split_and_check", 0.0)
+        return {name: round(value, 1) for name, value in sorted(ms.items())}
+
+
 def _time_round(loop, round_index: int) -> float:
     started = time.perf_counter()
     loop.run_round(round_index)
@@ -120,6 +152,8 @@ def main() -> None:
         fl, plain, central = [], [], []
         for repeat in range(args.repeats + 1):  # the first repeat warms up
             round_index = repeat + 1
+            if repeat == 1:
+                steps = _StepTimes(loop)
             batches = _round_batches(loop, round_index)
             fl_time = _time_round(loop, round_index)
             plain_time = _time_plain(module, dm.data.train, batches)
@@ -132,6 +166,7 @@ def main() -> None:
         results[table_rows] = {
             "round_s": statistics.median(fl), "plain_steps_s": statistics.median(plain),
             "centralized_s": statistics.median(central), "steps": len(batches),
+            "step_ms": steps.per_round_ms(args.repeats),
         }
         del dm, module, loop
 
@@ -149,6 +184,7 @@ def main() -> None:
         "round_ms_10k_tables": round(small["round_s"] * 1000, 1),
         "round_ms_1m_tables": round(large["round_s"] * 1000, 1),
         "d_peak_rss_growth_mb_1000_clients_1m_tables": round(growth, 1),
+        "round_step_ms_10k_tables": small["step_ms"],
         "clients_per_round": 100,
         "local_steps_per_round": small["steps"],
     }
