@@ -32,7 +32,7 @@ def _default_experiment() -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def _setup(rows: int, table_rows: int, clients_per_round: int):
+def _setup(rows: int, table_rows: int, clients_per_round: int, vectorize: bool = False):
     """The default experiment's model and local schedule, with every table >= table_rows."""
     from datamodules.taobao import TaobaoDataModule
     from fltoolkit.loop import FederatedLoop
@@ -52,7 +52,7 @@ def _setup(rows: int, table_rows: int, clients_per_round: int):
                        sparse_optimizer=lambda p: torch.optim.SGD(p, lr=sparse_lr))
     config = FederatedConfig(clients_per_round=clients_per_round, rounds=1,
                              batch_size=federated["batch_size"],
-                             local_epochs=federated["local_epochs"])
+                             local_epochs=federated["local_epochs"], vectorize=vectorize)
     return dm, module, FederatedLoop(module, dm.data, config, seed=0)
 
 
@@ -86,6 +86,13 @@ class _StepTimes:
         ms = {name: 1000 * seconds / rounds for name, seconds in self.seconds.items()}
         ms["train"] -= ms.get("split_and_check", 0.0)
         return {name: round(value, 1) for name, value in sorted(ms.items())}
+
+
+def _updates_per_second(rows: int, clients: int, vectorize: bool, repeats: int) -> float:
+    """Client updates per second of whole rounds (median round, after a warm-up one)."""
+    _, _, loop = _setup(rows, 10_000, clients, vectorize)
+    times = [_time_round(loop, round_index) for round_index in range(1, repeats + 2)]
+    return clients / statistics.median(times[1:])
 
 
 def _time_round(loop, round_index: int) -> float:
@@ -171,6 +178,11 @@ def main() -> None:
         del dm, module, loop
 
     small, large = results[10_000], results[1_000_000]
+    speedups = {}
+    for clients in (20, 200):
+        sequential = _updates_per_second(args.rows, clients, False, args.repeats)
+        together = _updates_per_second(args.rows, clients, True, args.repeats)
+        speedups[clients] = (round(together / sequential, 2), round(together, 1))
     dm, module, loop = _setup(args.rows, 1_000_000, 1000)
     _time_round(loop, 1)  # lazily created optimizer state is not the round's growth
     before = _reset_peak_rss_mb()
@@ -185,6 +197,9 @@ def main() -> None:
         "round_ms_1m_tables": round(large["round_s"] * 1000, 1),
         "d_peak_rss_growth_mb_1000_clients_1m_tables": round(growth, 1),
         "round_step_ms_10k_tables": small["step_ms"],
+        "e_vectorized_over_sequential_updates_per_s_20_clients": speedups[20][0],
+        "e_vectorized_over_sequential_updates_per_s_200_clients": speedups[200][0],
+        "vectorized_updates_per_s_20_200_clients": [speedups[20][1], speedups[200][1]],
         "clients_per_round": 100,
         "local_steps_per_round": small["steps"],
     }

@@ -56,6 +56,11 @@ class FederatedConfig:
             with NaN/Inf are always rejected.
         faults: inject faulty clients for robustness tests, e.g. `--federated.faults.nan 0.2`
             (see fltoolkit/faults.py: crash, nan, scale, scale_factor).
+        vectorize: train a round's clients together (fltoolkit.training.vectorized): `true`
+            (refused, with the reasons, where the module or settings do not support it),
+            `auto` (where supported, else one after another, with one log line saying why)
+            or `false` (one after another, the sequential trainer). Supported so far: plain
+            SGD, CTRModule's loss, no FedProx, local tables or kept optimizer state.
         sharding: how the server's embedding tables are split across torchrun ranks with
             TorchRec (`table_wise`: each table on one rank; `column_wise`: every table's
             columns split across the ranks); `none` keeps whole tables on every rank.
@@ -78,6 +83,7 @@ class FederatedConfig:
     reject_norm_ratio: float | None = None
     faults: Faults | None = None
     sharding: Literal["none", "table_wise", "column_wise"] = "none"
+    vectorize: bool | Literal["auto"] = False
 
     def __post_init__(self) -> None:
         for key in ("rounds", "clients_per_round", "batch_size", "eval_interval",

@@ -1,0 +1,101 @@
+"""Vectorized cohorts: the clients of a round stepping together give the updates they give
+one after another, and what cannot vectorize yet says why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fltoolkit.run.config import ConfigError, FederatedConfig
+from fltoolkit.server.tables import ServerTables
+from fltoolkit.training.cohort import CohortPlanner, LocalSchedule
+from fltoolkit.training.trainer import CohortTrainer
+from fltoolkit.training.vectorized import VectorizedTrainer, trainer_class, vectorization_blockers
+from recsys.module import CTRModule
+from recsys.parts import split_parameters
+
+
+def _module(data, embedding_l2: float = 0.0) -> CTRModule:
+    torch.manual_seed(0)
+    return CTRModule(embedding_dim=8, dense_hidden=[16], over_hidden=[32], features=data.features,
+                     embedding_l2=embedding_l2,
+                     dense_optimizer=lambda p: torch.optim.SGD(p, lr=0.3),
+                     sparse_optimizer=lambda p: torch.optim.SGD(p, lr=2.0))
+
+
+def _updates(trainer_type, data, module, schedule, clients, seeds):
+    parts = split_parameters(module, data.features.sparse)
+    served = ServerTables({name: part.weight.detach() for name, part in parts.tables.items()})
+    planner = CohortPlanner(data.train, parts.tables, schedule, list(parts.tables),
+                            sum(p.numel() * 4 for p in parts.dense), seed=0)
+    return trainer_type(module, parts, served).train_round(planner.plan(clients, seeds))
+
+
+@pytest.mark.parametrize("schedule", [LocalSchedule(batch_size=4, local_epochs=2),
+                                      LocalSchedule(batch_size=8, local_steps=3)])
+@pytest.mark.parametrize("embedding_l2", [0.0, 0.01])
+def test_vectorized_updates_equal_the_sequential_ones(synthetic_data, schedule, embedding_l2):
+    """Clients of very different sizes (some run out of local steps long before others), the
+    embedding L2 term, losses and Oort's squared sample losses."""
+    sizes = synthetic_data.train.client_sizes()
+    clients = [int(torch.argmax(sizes)), 3, 11, int(torch.argmin(sizes)), 40]
+    seeds = [5, 6, 7, 8, 9]
+    module = _module(synthetic_data, embedding_l2)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    sequential = _updates(CohortTrainer, synthetic_data, module, schedule, clients, seeds)
+    together = _updates(VectorizedTrainer, synthetic_data, module, schedule, clients, seeds)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    for one, other in zip(sequential, together, strict=True):
+        assert one.client == other.client and one.num_samples == other.num_samples
+        torch.testing.assert_close(other.dense, one.dense, rtol=1e-5, atol=1e-6)
+        assert other.tables.keys() == one.tables.keys()
+        for name, rows in one.tables.items():
+            assert torch.equal(other.tables[name].ids, rows.ids)
+            torch.testing.assert_close(other.tables[name].values, rows.values, rtol=1e-5,
+                                       atol=1e-6)
+        assert other.loss == pytest.approx(one.loss, rel=1e-5)
+        assert other.loss_squared_sum == pytest.approx(one.loss_squared_sum, rel=1e-4)
+        assert other.download_bytes == one.download_bytes and other.finite == one.finite
+
+
+def test_what_does_not_vectorize_is_named(synthetic_data):
+    module = _module(synthetic_data)
+    assert vectorization_blockers(module, 0.0, False, False) == []
+    module.sparse_optimizer = lambda p: torch.optim.Adagrad(p, lr=0.1)
+    assert vectorization_blockers(module, 0.01, True, False) == [
+        "table optimizer: Adagrad is not vectorized yet (plain SGD is)",
+        "federated.proximal_mu (FedProx) is not vectorized yet",
+        "federated.local_tables are not vectorized yet"]
+    with pytest.raises(ConfigError, match="federated.vectorize true: table optimizer: Adagrad"):
+        trainer_class(module, FederatedConfig(vectorize=True))
+    assert trainer_class(module, FederatedConfig(vectorize="auto")) is CohortTrainer
+    assert trainer_class(_module(synthetic_data),
+                         FederatedConfig(vectorize="auto")) is VectorizedTrainer
+    assert trainer_class(_module(synthetic_data), FederatedConfig()) is CohortTrainer
+
+
+def test_a_vectorized_run_learns_like_the_sequential_one(synthetic_data):
+    from tests.test_federated import _loop
+
+    settings = {"rounds": 6, "clients_per_round": 40, "eval_interval": 3, "local_epochs": 3}
+    sequential = _loop(synthetic_data, **settings).run()
+    together = _loop(synthetic_data, vectorize=True, **settings)
+    assert isinstance(together.trainer, VectorizedTrainer)
+    assert together.run()["auc"] == pytest.approx(sequential["auc"], abs=0.003)
+
+
+def test_the_dcn_plugin_vectorizes_with_its_cross_network_per_client(synthetic_data):
+    """DLRM_DCN's interaction arch has weights of its own: each client trains its copy."""
+    from examples.plugin.dcn import DCNModule
+
+    torch.manual_seed(0)
+    module = DCNModule(embedding_dim=8, dense_hidden=[16], over_hidden=[32],
+                       features=synthetic_data.features,
+                       dense_optimizer=lambda p: torch.optim.SGD(p, lr=0.3),
+                       sparse_optimizer=lambda p: torch.optim.SGD(p, lr=2.0))
+    assert vectorization_blockers(module, 0.0, False, False) == []
+    schedule = LocalSchedule(batch_size=4, local_steps=3)
+    sequential = _updates(CohortTrainer, synthetic_data, module, schedule, [3, 11], [1, 2])
+    together = _updates(VectorizedTrainer, synthetic_data, module, schedule, [3, 11], [1, 2])
+    for one, other in zip(sequential, together, strict=True):
+        torch.testing.assert_close(other.dense, one.dense, rtol=1e-5, atol=1e-6)
