@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fltoolkit.privacy.local_tables import LocalTableStore
 from fltoolkit.run.config import ConfigError, FederatedConfig
 from fltoolkit.server.tables import ServerTables
 from fltoolkit.training.cohort import CohortPlanner, LocalSchedule
@@ -23,28 +24,49 @@ def _module(data, embedding_l2: float = 0.0) -> CTRModule:
                      sparse_optimizer=lambda p: torch.optim.SGD(p, lr=2.0))
 
 
-def _updates(trainer_type, data, module, schedule, clients, seeds):
+def _updates(trainer_type, data, module, schedule, clients, seeds, proximal_mu=0.0,
+             local=()):
+    """Two rounds of the same clients (the second starts from the local rows the first
+    kept); the second round's updates and the local rows kept after it."""
     parts = split_parameters(module, data.features.sparse)
-    served = ServerTables({name: part.weight.detach() for name, part in parts.tables.items()})
-    planner = CohortPlanner(data.train, parts.tables, schedule, list(parts.tables),
+    store = LocalTableStore({name: parts.tables[name].weight for name in local}) if local \
+        else None
+    served = ServerTables({name: part.weight.detach() for name, part in parts.tables.items()
+                           if name not in local})
+    planner = CohortPlanner(data.train, parts.tables, schedule,
+                            [name for name in parts.tables if name not in local],
                             sum(p.numel() * 4 for p in parts.dense), seed=0)
-    return trainer_type(module, parts, served).train_round(planner.plan(clients, seeds))
+    trainer = trainer_type(module, parts, served, proximal_mu=proximal_mu, local_tables=store)
+    for round_seeds in ([seed + 100 for seed in seeds], seeds):
+        updates = trainer.train_round(planner.plan(clients, round_seeds))
+        trainer.keep(clients)
+    return updates, store
 
 
-@pytest.mark.parametrize("schedule", [LocalSchedule(batch_size=4, local_epochs=2),
-                                      LocalSchedule(batch_size=8, local_steps=3)])
-@pytest.mark.parametrize("embedding_l2", [0.0, 0.01])
-def test_vectorized_updates_equal_the_sequential_ones(synthetic_data, schedule, embedding_l2):
+@pytest.mark.parametrize("schedule, embedding_l2, proximal_mu, local", [
+    (LocalSchedule(batch_size=4, local_epochs=2), 0.0, 0.0, ()),
+    (LocalSchedule(batch_size=8, local_steps=3), 0.01, 0.0, ()),
+    (LocalSchedule(batch_size=4, local_epochs=2), 0.01, 0.1, ()),
+    (LocalSchedule(batch_size=8, local_steps=3), 0.0, 0.1, ("user",)),
+])
+def test_vectorized_updates_equal_the_sequential_ones(synthetic_data, schedule, embedding_l2,
+                                                      proximal_mu, local):
     """Clients of very different sizes (some run out of local steps long before others), the
-    embedding L2 term, losses and Oort's squared sample losses."""
+    embedding L2 term, FedProx, a local table, losses and Oort's squared sample losses."""
     sizes = synthetic_data.train.client_sizes()
     clients = [int(torch.argmax(sizes)), 3, 11, int(torch.argmin(sizes)), 40]
     seeds = [5, 6, 7, 8, 9]
     module = _module(synthetic_data, embedding_l2)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    sequential = _updates(CohortTrainer, synthetic_data, module, schedule, clients, seeds)
-    together = _updates(VectorizedTrainer, synthetic_data, module, schedule, clients, seeds)
+    sequential, kept = _updates(CohortTrainer, synthetic_data, module, schedule, clients, seeds,
+                                proximal_mu, local)
+    together, kept_together = _updates(VectorizedTrainer, synthetic_data, module, schedule,
+                                       clients, seeds, proximal_mu, local)
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    for name in local:
+        for client in clients:
+            torch.testing.assert_close(kept_together.rows[name][client].values,
+                                       kept.rows[name][client].values, rtol=1e-5, atol=1e-6)
     for one, other in zip(sequential, together, strict=True):
         assert one.client == other.client and one.num_samples == other.num_samples
         torch.testing.assert_close(other.dense, one.dense, rtol=1e-5, atol=1e-6)
@@ -60,12 +82,11 @@ def test_vectorized_updates_equal_the_sequential_ones(synthetic_data, schedule, 
 
 def test_what_does_not_vectorize_is_named(synthetic_data):
     module = _module(synthetic_data)
-    assert vectorization_blockers(module, 0.0, False, False) == []
+    assert vectorization_blockers(module, False) == []
     module.sparse_optimizer = lambda p: torch.optim.Adagrad(p, lr=0.1)
-    assert vectorization_blockers(module, 0.01, True, False) == [
+    assert vectorization_blockers(module, True) == [
         "table optimizer: Adagrad is not vectorized yet (plain SGD is)",
-        "federated.proximal_mu (FedProx) is not vectorized yet",
-        "federated.local_tables are not vectorized yet"]
+        "federated.keep_optimizer_state is not vectorized yet"]
     with pytest.raises(ConfigError, match="federated.vectorize true: table optimizer: Adagrad"):
         trainer_class(module, FederatedConfig(vectorize=True))
     assert trainer_class(module, FederatedConfig(vectorize="auto")) is CohortTrainer
@@ -93,9 +114,9 @@ def test_the_dcn_plugin_vectorizes_with_its_cross_network_per_client(synthetic_d
                        features=synthetic_data.features,
                        dense_optimizer=lambda p: torch.optim.SGD(p, lr=0.3),
                        sparse_optimizer=lambda p: torch.optim.SGD(p, lr=2.0))
-    assert vectorization_blockers(module, 0.0, False, False) == []
+    assert vectorization_blockers(module, False) == []
     schedule = LocalSchedule(batch_size=4, local_steps=3)
-    sequential = _updates(CohortTrainer, synthetic_data, module, schedule, [3, 11], [1, 2])
-    together = _updates(VectorizedTrainer, synthetic_data, module, schedule, [3, 11], [1, 2])
+    sequential, _ = _updates(CohortTrainer, synthetic_data, module, schedule, [3, 11], [1, 2])
+    together, _ = _updates(VectorizedTrainer, synthetic_data, module, schedule, [3, 11], [1, 2])
     for one, other in zip(sequential, together, strict=True):
         torch.testing.assert_close(other.dense, one.dense, rtol=1e-5, atol=1e-6)

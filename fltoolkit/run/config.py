@@ -60,7 +60,7 @@ class FederatedConfig:
             (refused, with the reasons, where the module or settings do not support it),
             `auto` (where supported, else one after another, with one log line saying why)
             or `false` (one after another, the sequential trainer). Supported so far: plain
-            SGD, CTRModule's loss, no FedProx, local tables or kept optimizer state.
+            SGD, CTRModule's loss, FedProx and local tables; not kept optimizer state.
         sharding: how the server's embedding tables are split across torchrun ranks with
             TorchRec (`table_wise`: each table on one rank; `column_wise`: every table's
             columns split across the ranks); `none` keeps whole tables on every rank.

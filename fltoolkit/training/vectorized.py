@@ -10,8 +10,9 @@ client its own gradients. Step k computes for the clients that have a k-th batch
 (shorter batches padded and masked), so a client whose steps are over stays as it was.
 
 Supported so far: CTRModule's own loss and forward (any DLRM-shaped `model` with one feature
-per table), plain SGD for the dense part and the tables; not yet: momentum, Adam, Adagrad,
-FedProx, local tables, kept optimizer state. `vectorization_blockers` names what stands in the
+per table), plain SGD for the dense part and the tables, FedProx's term, local tables (their
+rows sit in the same compact buffers); not yet: momentum, Adam, Adagrad, kept optimizer
+state. `vectorization_blockers` names what stands in the
 way, so a run can fall back to the sequential trainer with a reason.
 """
 
@@ -39,8 +40,7 @@ ARCHES = ("dense_arch", "inter_arch", "over_arch")
 log = logging.getLogger("fltk")
 
 
-def vectorization_blockers(module: torch.nn.Module, proximal_mu: float, local_tables: bool,
-                           keep_optimizer_state: bool) -> list[str]:
+def vectorization_blockers(module: torch.nn.Module, keep_optimizer_state: bool) -> list[str]:
     """Why this module and these settings cannot train vectorized (empty: they can)."""
     if not isinstance(module, CTRModule):
         return [f"the module ({type(module).__name__}) is not a CTRModule"]
@@ -51,10 +51,6 @@ def vectorization_blockers(module: torch.nn.Module, proximal_mu: float, local_ta
     blockers += [f"{kind} optimizer: {reason}" for kind, reason in
                  zip(("dense", "table"), map(_sgd_blocker, _optimizers(module)), strict=True)
                  if reason]
-    if proximal_mu:
-        blockers.append("federated.proximal_mu (FedProx) is not vectorized yet")
-    if local_tables:
-        blockers.append("federated.local_tables are not vectorized yet")
     if keep_optimizer_state:
         blockers.append("federated.keep_optimizer_state is not vectorized yet")
     return blockers
@@ -66,8 +62,7 @@ def trainer_class(module: torch.nn.Module, config: FederatedConfig) -> type[Coho
     `true` refuses with the reasons)."""
     if config.vectorize is False:
         return CohortTrainer
-    blockers = vectorization_blockers(module, config.proximal_mu, bool(config.local_tables),
-                                      config.keep_optimizer_state)
+    blockers = vectorization_blockers(module, config.keep_optimizer_state)
     if not blockers:
         return VectorizedTrainer
     if config.vectorize is True:
@@ -106,14 +101,24 @@ class VectorizedTrainer(CohortTrainer):
         work = {name: rows.clone() for name, rows in start.items()}
         global_dense = torch.nn.utils.parameters_to_vector(self.parts.dense).detach()
         weights = self._stacked_weights(len(cohort.clients))
+        global_weights = {name: param.detach() for name, param in self._arch_parameters().items()}
         step_losses, square_sums = _StepLosses(len(cohort.clients)), torch.zeros(
             len(cohort.clients), dtype=torch.float64)
+        owners = {name: _row_owners(cohort, name) for name in work}
         for active, rows, mask in _step_rows(cohort):  # only the clients with a k-th step
             mine = {name: value[active] for name, value in weights.items()}
             gradients, (losses, samples) = self._step(cohort, mine, work, rows, mask)
+            stepping = torch.zeros(len(cohort.clients), dtype=torch.bool)
+            stepping[active] = True
+            pulls = self._proximal_pulls(work, start, owners, stepping)
             for name, value in weights.items():
-                value.index_add_(0, active, gradients[0][name], alpha=-dense_lr)
+                gradient = gradients[0][name]
+                if self.proximal_mu:  # FedProx: grad += mu (w - w_global)
+                    gradient = gradient + self.proximal_mu * (mine[name] - global_weights[name])
+                value.index_add_(0, active, gradient, alpha=-dense_lr)
             self._apply_table_gradients(cohort, work, rows, mask, gradients[1], table_lr)
+            for name, (table_rows, pull) in pulls.items():
+                work[name].index_add_(0, table_rows, pull, alpha=-table_lr)
             step_losses.add(active, losses)
             square_sums.index_add_(0, active, (samples.double().square() * mask).sum(dim=1))
         dense_deltas = self._flat(weights) - global_dense
@@ -176,6 +181,20 @@ class VectorizedTrainer(CohortTrainer):
             loss = loss + self.module.embedding_l2 * (norms * mask).sum() / count
         return loss, samples.detach()
 
+    def _proximal_pulls(self, work: dict[str, Tensor], start: dict[str, Tensor],
+                        owners: dict[str, Tensor], stepping: Tensor
+                        ) -> dict[str, tuple[Tensor, Tensor]]:
+        """FedProx's table term at the current weights: mu (w - w_start) on every row of the
+        stepping clients' segments (`stepping`: [C] bool), as the sequential trainer adds it,
+        to subtract times the table learning rate along with the data gradient."""
+        if not self.proximal_mu:
+            return {}
+        pulls = {}
+        for name, owner in owners.items():
+            rows = torch.nonzero(stepping[owner]).reshape(-1)
+            pulls[name] = (rows, self.proximal_mu * (work[name][rows] - start[name][rows]))
+        return pulls
+
     def _apply_table_gradients(self, cohort: Cohort, work: dict[str, Tensor], rows: Tensor,
                                mask: Tensor, gradients: Tensor, lr: float) -> None:
         """SGD on the compact buffers: each row belongs to one client's segment, so adding
@@ -184,6 +203,13 @@ class VectorizedTrainer(CohortTrainer):
         for feature, (name, part) in enumerate(self.parts.tables.items()):
             ids = cohort.sparse[kept, part.columns[0]]
             work[name].index_add_(0, ids, gradients[:, :, feature][mask], alpha=-lr)
+
+
+def _row_owners(cohort: Cohort, table: str) -> Tensor:
+    """[U] the slot of the client owning each row of the table's compact buffer."""
+    sizes = torch.tensor([b - a for a, b in zip(cohort.segments[table],
+                                                  cohort.segments[table][1:], strict=False)])
+    return torch.repeat_interleave(torch.arange(len(cohort.clients)), sizes)
 
 
 def _client_losses(samples: Tensor, embedded: Tensor, mask: Tensor, l2: float) -> Tensor:
