@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from fltoolkit.run.ranks import Ranks
 from recsys.dlrm import build_embedding_bags
 from recsys.table_init import tables_on_meta
 
@@ -98,7 +99,7 @@ def _run_ranks() -> None:
     directory = Path(sys.argv[1])
     for sharding in ("table_wise", "column_wise"):
         _check(sharding, directory)
-    dist.destroy_process_group()
+    Ranks(dist.get_rank(), dist.get_world_size()).close()
 
 
 @pytest.mark.slow

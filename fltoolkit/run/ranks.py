@@ -13,6 +13,7 @@ all-gathered as objects.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -128,7 +129,14 @@ class Ranks:
         return [replace(update, dense=dense[slot[update.client]]) for update in everyone]
 
     def close(self) -> None:
+        """Leave the process group once every rank is done with it. Objects still holding
+        it (TorchRec's sharded modules sit in reference cycles) are collected first: left to
+        interpreter exit, their gloo threads were torn down after the group and a loaded
+        machine aborted the process now and then ("terminate called without an active
+        exception")."""
         if self.distributed and dist.is_initialized():
+            gc.collect()
+            dist.barrier()
             dist.destroy_process_group()
 
 
