@@ -85,9 +85,9 @@ def test_what_does_not_vectorize_is_named(synthetic_data):
     assert vectorization_blockers(module, False) == []
     module.sparse_optimizer = lambda p: torch.optim.Adagrad(p, lr=0.1)
     assert vectorization_blockers(module, True) == [
-        "table optimizer: Adagrad is not vectorized yet (plain SGD is)",
+        "optimizer: Adagrad is not vectorized yet (plain SGD is)",
         "federated.keep_optimizer_state is not vectorized yet"]
-    with pytest.raises(ConfigError, match="federated.vectorize true: table optimizer: Adagrad"):
+    with pytest.raises(ConfigError, match="federated.vectorize true: optimizer: Adagrad"):
         trainer_class(module, FederatedConfig(vectorize=True))
     assert trainer_class(module, FederatedConfig(vectorize="auto")) is CohortTrainer
     assert trainer_class(_module(synthetic_data),
@@ -120,3 +120,15 @@ def test_the_dcn_plugin_vectorizes_with_its_cross_network_per_client(synthetic_d
     together, _ = _updates(VectorizedTrainer, synthetic_data, module, schedule, [3, 11], [1, 2])
     for one, other in zip(sequential, together, strict=True):
         torch.testing.assert_close(other.dense, one.dense, rtol=1e-5, atol=1e-6)
+
+
+def test_learning_rates_are_read_per_kind_of_parameter(synthetic_data):
+    from fltoolkit.training.vectorized import sgd_learning_rates
+
+    module = _module(synthetic_data)
+    assert sgd_learning_rates(module) == (0.3, 2.0)
+    module.dense_optimizer = lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9)
+    assert "momentum" in sgd_learning_rates(module)
+    one = _module(synthetic_data)
+    one.configure_optimizers = lambda: torch.optim.SGD(one.parameters(), lr=0.5)
+    assert sgd_learning_rates(one) == (0.5, 0.5)  # one optimizer for both kinds

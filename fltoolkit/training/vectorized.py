@@ -32,6 +32,7 @@ from fltoolkit.training.optimizer_state import as_optimizer_list
 from fltoolkit.training.trainer import CohortTrainer
 from fltoolkit.training.updates import ClientUpdate
 from recsys.module import CTRModule
+from recsys.parts import embedding_tables
 
 # the CTRModule methods a subclass must not override for the batched step to be its step
 CONTRACT = ("training_step", "logits_and_embeddings", "loss")
@@ -48,12 +49,34 @@ def vectorization_blockers(module: torch.nn.Module, keep_optimizer_state: bool) 
                 if getattr(type(module), name) is not getattr(CTRModule, name)]
     if not all(hasattr(module.model, arch) for arch in ARCHES):
         blockers.append("the network has no dense_arch / inter_arch / over_arch (DLRM)")
-    blockers += [f"{kind} optimizer: {reason}" for kind, reason in
-                 zip(("dense", "table"), map(_sgd_blocker, _optimizers(module)), strict=True)
-                 if reason]
+    shared = [name for name, (_, config) in embedding_tables(module).items()
+              if len(config.feature_names) != 1]
+    if shared:
+        blockers.append(f"tables fed by several features ({', '.join(shared)})")
+    rates = sgd_learning_rates(module)
+    if isinstance(rates, str):
+        blockers.append(f"optimizer: {rates}")
     if keep_optimizer_state:
         blockers.append("federated.keep_optimizer_state is not vectorized yet")
     return blockers
+
+
+def sgd_learning_rates(module: CTRModule) -> tuple[float, float] | str:
+    """(dense lr, table lr) when `configure_optimizers` gives plain SGD with one learning rate
+    per kind of parameter; otherwise why not."""
+    tables = {id(weight) for weight, _ in embedding_tables(module).values()}
+    rates: dict[bool, set[float]] = {False: set(), True: set()}
+    for optimizer in as_optimizer_list(module.configure_optimizers()):
+        if type(optimizer) is not torch.optim.SGD:
+            return f"{type(optimizer).__name__} is not vectorized yet (plain SGD is)"
+        for group in optimizer.param_groups:
+            if group["momentum"] or group["weight_decay"] or group["maximize"]:
+                return "SGD with momentum, weight decay or maximize is not vectorized yet"
+            rates[True].update(group["lr"] for p in group["params"] if id(p) in tables)
+            rates[False].update(group["lr"] for p in group["params"] if id(p) not in tables)
+    if len(rates[False]) != 1 or len(rates[True]) != 1:
+        return "several learning rates for the dense parameters or for the tables"
+    return rates[False].pop(), rates[True].pop()
 
 
 def trainer_class(module: torch.nn.Module, config: FederatedConfig) -> type[CohortTrainer]:
@@ -71,22 +94,6 @@ def trainer_class(module: torch.nn.Module, config: FederatedConfig) -> type[Coho
     return CohortTrainer
 
 
-def _optimizers(module: CTRModule) -> list[torch.optim.Optimizer]:
-    optimizers = as_optimizer_list(module.configure_optimizers())
-    return optimizers if len(optimizers) == 2 else [*optimizers, *optimizers][:2]
-
-
-def _sgd_blocker(optimizer: torch.optim.Optimizer) -> str | None:
-    """None for plain SGD (one learning rate, no momentum, decay or maximize)."""
-    if type(optimizer) is not torch.optim.SGD:
-        return f"{type(optimizer).__name__} is not vectorized yet (plain SGD is)"
-    group = optimizer.param_groups[0]
-    if len(optimizer.param_groups) > 1 or group["momentum"] or group["weight_decay"] \
-            or group["maximize"]:
-        return "SGD with momentum, weight decay, maximize or several groups is not vectorized yet"
-    return None
-
-
 class VectorizedTrainer(CohortTrainer):
     """CohortTrainer whose clients take their local steps together (see the module doc)."""
 
@@ -96,7 +103,7 @@ class VectorizedTrainer(CohortTrainer):
             empty = torch.empty(0, dtype=torch.int64)
             self.server_tables.fetch({name: empty for name in self.server_tables.names})
             return []
-        dense_lr, table_lr = (opt.param_groups[0]["lr"] for opt in _optimizers(self.module))
+        dense_lr, table_lr = sgd_learning_rates(self.module)
         start = self._start_rows(cohort)
         work = {name: rows.clone() for name, rows in start.items()}
         global_dense = torch.nn.utils.parameters_to_vector(self.parts.dense).detach()
@@ -137,10 +144,9 @@ class VectorizedTrainer(CohortTrainer):
 
     def _flat(self, weights: dict[str, Tensor]) -> Tensor:
         """[C, dense size] in the order of `parts.dense` (what ClientUpdate.dense holds)."""
-        by_id = {id(param): name for name, param in self._arch_parameters().items()}
-        return torch.cat([weights[by_id[id(param)]].reshape(weights[by_id[id(param)]].shape[0],
-                                                              -1)
-                          for param in self.parts.dense], dim=1)
+        name_of = {id(param): name for name, param in self._arch_parameters().items()}
+        stacked = [weights[name_of[id(param)]] for param in self.parts.dense]
+        return torch.cat([value.reshape(value.shape[0], -1) for value in stacked], dim=1)
 
     def _step(self, cohort: Cohort, weights: dict[str, Tensor], work: dict[str, Tensor],
               rows: Tensor, mask: Tensor) -> tuple[Any, tuple[Tensor, Tensor]]:
@@ -152,9 +158,8 @@ class VectorizedTrainer(CohortTrainer):
         embedded = torch.stack([work[name][cohort.sparse[rows, part.columns[0]]]
                                 for name, part in self.parts.tables.items()], dim=2)
         step = grad_and_value(self._client_loss, argnums=(0, 1), has_aux=True)
-        gradients, (_, samples) = vmap(step)(weights, embedded, dense, label, mask)
-        losses = _client_losses(samples, embedded, mask, self.module.embedding_l2)
-        return gradients, (losses, samples)
+        gradients, (losses, samples) = vmap(step)(weights, embedded, dense, label, mask)
+        return gradients, (losses.detach(), samples)
 
     def _client_loss(self, weights: dict[str, Tensor], embedded: Tensor, dense: Tensor,
                      label: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -210,15 +215,6 @@ def _row_owners(cohort: Cohort, table: str) -> Tensor:
     sizes = torch.tensor([b - a for a, b in zip(cohort.segments[table],
                                                   cohort.segments[table][1:], strict=False)])
     return torch.repeat_interleave(torch.arange(len(cohort.clients)), sizes)
-
-
-def _client_losses(samples: Tensor, embedded: Tensor, mask: Tensor, l2: float) -> Tensor:
-    """[C] each client's step loss as `training_step` reports it (masked mean + L2 term)."""
-    count = mask.sum(dim=1).clamp(min=1)
-    losses = (samples * mask).sum(dim=1) / count
-    if l2:
-        losses = losses + l2 * (embedded.square().sum(dim=(2, 3)) * mask).sum(dim=1) / count
-    return losses
 
 
 class _StepLosses:
