@@ -82,6 +82,11 @@ class Cohort:
         bounds = self.segments[table]
         return slice(bounds[slot], bounds[slot + 1])
 
+    def row_owners(self, table: str) -> Tensor:
+        """[U] the slot of the client whose segment holds each row of the table's buffer."""
+        sizes = torch.tensor(np.diff(self.segments[table]), dtype=torch.int64)
+        return torch.repeat_interleave(torch.arange(len(self.clients)), sizes)
+
     def subset(self, slots: Sequence[int]) -> Cohort:
         """The plan of the clients at `slots` only, exactly as planning them alone gives it
         (a client's rows and batches do not depend on who else is in the cohort)."""

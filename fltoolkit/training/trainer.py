@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -79,6 +78,10 @@ class CohortTrainer:
             empty = torch.empty(0, dtype=torch.int64)
             self.server_tables.fetch({name: empty for name in self.server_tables.names})
             return []
+        return self._train_clients(cohort)
+
+    def _train_clients(self, cohort: Cohort) -> list[ClientUpdate]:
+        """One client after another (VectorizedTrainer steps them together)."""
         global_dense = parameters_to_vector(self.parts.dense).detach().clone()
         global_tables = {name: part.weight.data for name, part in self.parts.tables.items()}
         start = self._start_rows(cohort)
@@ -220,10 +223,8 @@ def _finite_per_client(cohort: Cohort, dense_deltas: Tensor, deltas: dict[str, T
     finite = torch.isfinite(dense_deltas.sum(dim=1)) & torch.isfinite(torch.tensor(losses))
     for name, delta in deltas.items():
         bad_rows = (~torch.isfinite(delta.sum(dim=1))).to(torch.int64)
-        sizes = torch.tensor(np.diff(cohort.segments[name]))
-        owner = torch.repeat_interleave(torch.arange(len(cohort.clients)), sizes)
         finite &= torch.zeros(len(cohort.clients), dtype=torch.int64).index_add_(
-            0, owner, bad_rows) == 0
+            0, cohort.row_owners(name), bad_rows) == 0
     return finite.tolist()
 
 

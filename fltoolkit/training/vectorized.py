@@ -97,12 +97,7 @@ def trainer_class(module: torch.nn.Module, config: FederatedConfig) -> type[Coho
 class VectorizedTrainer(CohortTrainer):
     """CohortTrainer whose clients take their local steps together (see the module doc)."""
 
-    def train_round(self, cohort: Cohort) -> list[ClientUpdate]:
-        self.pending = {}
-        if not cohort.clients:
-            empty = torch.empty(0, dtype=torch.int64)
-            self.server_tables.fetch({name: empty for name in self.server_tables.names})
-            return []
+    def _train_clients(self, cohort: Cohort) -> list[ClientUpdate]:
         dense_lr, table_lr = sgd_learning_rates(self.module)
         start = self._start_rows(cohort)
         work = {name: rows.clone() for name, rows in start.items()}
@@ -111,7 +106,7 @@ class VectorizedTrainer(CohortTrainer):
         global_weights = {name: param.detach() for name, param in self._arch_parameters().items()}
         step_losses, square_sums = _StepLosses(len(cohort.clients)), torch.zeros(
             len(cohort.clients), dtype=torch.float64)
-        owners = {name: _row_owners(cohort, name) for name in work}
+        owners = {name: cohort.row_owners(name) for name in work}
         for active, rows, mask in _step_rows(cohort):  # only the clients with a k-th step
             mine = {name: value[active] for name, value in weights.items()}
             gradients, (losses, samples) = self._step(cohort, mine, work, rows, mask)
@@ -208,13 +203,6 @@ class VectorizedTrainer(CohortTrainer):
         for feature, (name, part) in enumerate(self.parts.tables.items()):
             ids = cohort.sparse[kept, part.columns[0]]
             work[name].index_add_(0, ids, gradients[:, :, feature][mask], alpha=-lr)
-
-
-def _row_owners(cohort: Cohort, table: str) -> Tensor:
-    """[U] the slot of the client owning each row of the table's compact buffer."""
-    sizes = torch.tensor([b - a for a, b in zip(cohort.segments[table],
-                                                  cohort.segments[table][1:], strict=False)])
-    return torch.repeat_interleave(torch.arange(len(cohort.clients)), sizes)
 
 
 class _StepLosses:
