@@ -106,13 +106,12 @@ class VectorizedTrainer(CohortTrainer):
         global_weights = {name: param.detach() for name, param in self._arch_parameters().items()}
         step_losses, square_sums = _StepLosses(len(cohort.clients)), torch.zeros(
             len(cohort.clients), dtype=torch.float64)
-        owners = {name: cohort.row_owners(name) for name in work}
+        owners = ({name: cohort.row_owners(name) for name in work} if self.proximal_mu
+                  else {})
         for active, rows, mask in _step_rows(cohort):  # only the clients with a k-th step
             mine = {name: value[active] for name, value in weights.items()}
             gradients, (losses, samples) = self._step(cohort, mine, work, rows, mask)
-            stepping = torch.zeros(len(cohort.clients), dtype=torch.bool)
-            stepping[active] = True
-            pulls = self._proximal_pulls(work, start, owners, stepping)
+            pulls = self._proximal_pulls(work, start, owners, active, len(cohort.clients))
             for name, value in weights.items():
                 gradient = gradients[0][name]
                 if self.proximal_mu:  # FedProx: grad += mu (w - w_global)
@@ -182,13 +181,16 @@ class VectorizedTrainer(CohortTrainer):
         return loss, samples.detach()
 
     def _proximal_pulls(self, work: dict[str, Tensor], start: dict[str, Tensor],
-                        owners: dict[str, Tensor], stepping: Tensor
+                        owners: dict[str, Tensor], active: Tensor, clients: int
                         ) -> dict[str, tuple[Tensor, Tensor]]:
         """FedProx's table term at the current weights: mu (w - w_start) on every row of the
-        stepping clients' segments (`stepping`: [C] bool), as the sequential trainer adds it,
-        to subtract times the table learning rate along with the data gradient."""
-        if not self.proximal_mu:
+        segments of the `active` slots (`owners`: each buffer row's slot; empty without
+        FedProx), as the sequential trainer adds it, to subtract times the table learning
+        rate along with the data gradient."""
+        if not owners:
             return {}
+        stepping = torch.zeros(clients, dtype=torch.bool)
+        stepping[active] = True
         pulls = {}
         for name, owner in owners.items():
             rows = torch.nonzero(stepping[owner]).reshape(-1)
