@@ -9,13 +9,13 @@ import torch
 
 from fltoolkit.reports.config import ReportConfig
 from fltoolkit.reports.run_dir import RunDirectory
+from fltoolkit.server.held_out import METRIC_KEYS
 from recsys.sharding import ShardedTables
 
 log = logging.getLogger("fltk")
 
 SUMMARY_INFO_KEYS = ("num_train", "num_validation", "num_test", "num_clients",
                      "dropped_clients", "baseline_auc", "oracle_auc", "bad_rows_skipped")
-METRIC_KEYS = ("auc", "logloss", "ne", "gauc", "calibration")  # of the test split
 # the validation protocol (fltoolkit.server.held_out): absent without a validation split
 PROTOCOL_KEYS = ("evaluated_on", "validation", "best_round", "best_validation_auc",
                  "best_round_test")

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-METRIC_KEYS = ("auc", "logloss", "ne", "gauc", "calibration")
+METRIC_KEYS = ("auc", "logloss", "ne", "gauc", "calibration")  # summary.json's, of the test split
 
 
 @dataclass
@@ -47,10 +47,9 @@ class HeldOutTest:
             **{key: self.last[key] for key in METRIC_KEYS},
             "evaluated_on": "validation",
             "validation": {key: validation[key] for key in METRIC_KEYS},
-            "best_round": None if self.best is None else self.best["round"],
-            "best_validation_auc": None if self.best is None else self.best["validation_auc"],
-            "best_round_test": None if self.best is None else {
-                key: self.best[key] for key in METRIC_KEYS},
+            "best_round": (self.best or {}).get("round"),
+            "best_validation_auc": (self.best or {}).get("validation_auc"),
+            "best_round_test": self.best and {key: self.best[key] for key in METRIC_KEYS},
         }
 
     def state_dict(self) -> dict[str, Any]:
