@@ -38,7 +38,7 @@ from fltoolkit.systems.admission import Admitted, admission_for
 from fltoolkit.systems.config import SystemsConfig
 from fltoolkit.training.cohort import CohortPlanner
 from fltoolkit.training.optimizer_state import ClientOptimizerStates
-from fltoolkit.training.vectorized import trainer_class
+from fltoolkit.training.vectorized import trainer_for
 from recsys.parts import split_parameters
 from recsys.sharding import ShardedTables
 
@@ -141,7 +141,7 @@ class FederatedLoop:
             data.train, self.parts.tables, config.schedule(),
             uploaded=[name for name in self.parts.tables if name not in local],
             dense_bytes=sum(p.numel() * p.element_size() for p in self.parts.dense), seed=seed)
-        self.trainer = trainer_class(module, config)(
+        self.trainer = trainer_for(module, config)(
             module, self.parts, self.server_tables, proximal_mu=config.proximal_mu,
             local_tables=self.local_tables,
             optimizer_states=ClientOptimizerStates() if config.keep_optimizer_state else None)

@@ -3,6 +3,8 @@ one after another, and what cannot vectorize yet says why."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -11,7 +13,12 @@ from fltoolkit.run.config import ConfigError, FederatedConfig
 from fltoolkit.server.tables import ServerTables
 from fltoolkit.training.cohort import CohortPlanner, LocalSchedule
 from fltoolkit.training.trainer import CohortTrainer
-from fltoolkit.training.vectorized import VectorizedTrainer, trainer_class, vectorization_blockers
+from fltoolkit.training.vectorized import (
+    StepPlan,
+    VectorizedTrainer,
+    trainer_for,
+    vectorization_blockers,
+)
 from recsys.module import CTRModule
 from recsys.parts import split_parameters
 
@@ -88,11 +95,11 @@ def test_what_does_not_vectorize_is_named(synthetic_data):
         "optimizer: Adagrad is not vectorized yet (plain SGD is)",
         "federated.keep_optimizer_state is not vectorized yet"]
     with pytest.raises(ConfigError, match="federated.vectorize true: optimizer: Adagrad"):
-        trainer_class(module, FederatedConfig(vectorize=True))
-    assert trainer_class(module, FederatedConfig(vectorize="auto")) is CohortTrainer
-    assert trainer_class(_module(synthetic_data),
-                         FederatedConfig(vectorize="auto")) is VectorizedTrainer
-    assert trainer_class(_module(synthetic_data), FederatedConfig()) is CohortTrainer
+        trainer_for(module, FederatedConfig(vectorize=True))
+    assert trainer_for(module, FederatedConfig(vectorize="auto")) is CohortTrainer
+    assert trainer_for(_module(synthetic_data),
+                       FederatedConfig(vectorize="auto")).func is VectorizedTrainer
+    assert trainer_for(_module(synthetic_data), FederatedConfig()) is CohortTrainer
 
 
 def test_a_vectorized_run_learns_like_the_sequential_one(synthetic_data):
@@ -132,3 +139,58 @@ def test_learning_rates_are_read_per_kind_of_parameter(synthetic_data):
     one = _module(synthetic_data)
     one.configure_optimizers = lambda: torch.optim.SGD(one.parameters(), lr=0.5)
     assert sgd_learning_rates(one) == (0.5, 0.5)  # one optimizer for both kinds
+
+
+def _plan_of(chunk_clients: int, min_saved: int) -> StepPlan:
+    """Four clients laid out slot after slot: slot 0 has batches of 4 and 1 rows, slot 1 one
+    of 3, slot 2 batches of 4, 4 and 2, slot 3 one of 1."""
+    widths = [[4, 1], [3], [4, 4, 2], [1]]
+    steps, row = [], 0
+    for client in widths:
+        steps.append([slice(row + sum(client[:k]), row + sum(client[:k + 1]))
+                      for k in range(len(client))])
+        row += sum(client)
+    cohort = SimpleNamespace(steps=steps, samples_trained=[sum(w) for w in widths])
+    return StepPlan(cohort, chunk_clients, min_saved)
+
+
+def _described(plan: StepPlan) -> list:
+    return [((stepping.start, stepping.stop),
+             [((b.clients.start, b.clients.stop), b.rows.tolist(), b.mask.sum(1).tolist())
+              for b in buckets]) for stepping, buckets in plan.steps]
+
+
+def test_a_step_plan_puts_the_longest_clients_first_and_pads_by_bucket():
+    plan = _plan_of(chunk_clients=4, min_saved=10**6)
+    assert plan.order.tolist() == [2, 0, 1, 3] and plan.position.tolist() == [1, 2, 0, 3]
+    assert plan.step_counts.tolist() == [3, 2, 1, 1]
+    assert _described(plan) == [
+        ((0, 4), [((0, 4), [[8, 9, 10, 11], [0, 1, 2, 3], [5, 6, 7, 0], [18, 0, 0, 0]],
+                   [4, 4, 3, 1])]),
+        ((0, 2), [((0, 2), [[12, 13, 14, 15], [4, 0, 0, 0]], [4, 1])]),
+        ((0, 1), [((0, 1), [[16, 17]], [2])])]
+    # padding the last client to 4 wastes 3 rows: worth a bucket of its own at min_saved 3
+    split = _described(_plan_of(chunk_clients=4, min_saved=3))[0]
+    assert split == ((0, 4), [((0, 3), [[8, 9, 10, 11], [0, 1, 2, 3], [5, 6, 7, 0]], [4, 4, 3]),
+                              ((3, 4), [[18]], [1])])
+    chunked = _described(_plan_of(chunk_clients=2, min_saved=10**6))
+    assert [stepping for stepping, _ in chunked] == [(0, 2), (0, 2), (0, 1), (2, 4)]
+    assert chunked[3][1] == [((2, 4), [[5, 6, 7], [18, 0, 0]], [3, 1])]
+
+
+def test_chunks_of_one_client_give_the_updates_of_one_chunk(synthetic_data):
+    """A memory budget so small that every client steps alone: the same updates."""
+    from functools import partial
+
+    sizes = synthetic_data.train.client_sizes()
+    clients, seeds = [int(torch.argmax(sizes)), 3, 11, 40], [5, 6, 7, 8]
+    schedule = LocalSchedule(batch_size=4, local_epochs=2)
+    module = _module(synthetic_data)
+    whole, _ = _updates(VectorizedTrainer, synthetic_data, module, schedule, clients, seeds, 0.1)
+    alone = partial(VectorizedTrainer, memory_mb=1e-6)
+    chunked, _ = _updates(alone, synthetic_data, module, schedule, clients, seeds, 0.1)
+    for one, other in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(other.dense, one.dense, rtol=1e-5, atol=1e-6)
+        for name, rows in one.tables.items():
+            torch.testing.assert_close(other.tables[name].values, rows.values, rtol=1e-5,
+                                       atol=1e-6)

@@ -61,6 +61,8 @@ class FederatedConfig:
             `auto` (where supported, else one after another, with one log line saying why)
             or `false` (one after another, the sequential trainer). Supported so far: plain
             SGD, CTRModule's loss, FedProx and local tables; not kept optimizer state.
+        vectorize_memory_mb: working memory of the clients that step together: a round of
+            more clients than fit trains in chunks of that many, one after another.
         sharding: how the server's embedding tables are split across torchrun ranks with
             TorchRec (`table_wise`: each table on one rank; `column_wise`: every table's
             columns split across the ranks); `none` keeps whole tables on every rank.
@@ -84,6 +86,7 @@ class FederatedConfig:
     faults: Faults | None = None
     sharding: Literal["none", "table_wise", "column_wise"] = "none"
     vectorize: bool | Literal["auto"] = False
+    vectorize_memory_mb: float = 512
 
     def __post_init__(self) -> None:
         for key in ("rounds", "clients_per_round", "batch_size", "eval_interval",
@@ -94,6 +97,9 @@ class FederatedConfig:
             raise ValueError("set exactly one of federated.local_epochs and federated.local_steps")
         if (self.local_epochs or 1) < 1 or (self.local_steps or 1) < 1:
             raise ValueError("federated.local_epochs and federated.local_steps must be >= 1")
+        if self.vectorize_memory_mb <= 0:
+            raise ValueError("federated.vectorize_memory_mb must be > 0, got "
+                             f"{self.vectorize_memory_mb}")
         if self.proximal_mu < 0:
             raise ValueError(f"federated.proximal_mu must be >= 0, got {self.proximal_mu}")
         ratio = self.reject_norm_ratio

@@ -67,7 +67,8 @@ def weighted_row_mean(updates: list[ClientUpdate], weights: Tensor, table: str,
         return None
     ids = torch.cat([rows.ids for rows, _ in parts])
     values = torch.cat([rows.values for rows, _ in parts])
-    row_weight = torch.cat([w.expand(rows.ids.numel()) for rows, w in parts])
+    row_weight = torch.repeat_interleave(torch.stack([w for _, w in parts]),
+                                         torch.tensor([rows.ids.numel() for rows, _ in parts]))
     unique, inverse = torch.unique(ids, return_inverse=True)
     total = torch.zeros(unique.numel(), values.shape[1], dtype=values.dtype)
     total.index_add_(0, inverse, values * row_weight[:, None])

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -189,24 +190,31 @@ class CohortTrainer:
 
     def _updates(self, cohort: Cohort, start: dict[str, Tensor], work: dict[str, Tensor],
                  dense_deltas: Tensor, losses: list[float], squares: list[float],
-                 optimizer_kept: list[Any]) -> list[ClientUpdate]:
-        """Split the round's deltas per client; local tables' rows wait in `pending`."""
+                 optimizer_kept: list[Any], dense_rows: list[int] | None = None
+                 ) -> list[ClientUpdate]:
+        """Split the round's deltas per client; local tables' rows wait in `pending`.
+
+        Client `slot`'s dense delta is row `dense_rows[slot]` of `dense_deltas` (by default
+        row `slot`)."""
+        dense_rows = list(range(len(cohort.clients))) if dense_rows is None else dense_rows
         deltas = {name: work[name] - start[name] for name in work}
-        finite = _finite_per_client(cohort, dense_deltas, deltas, losses)
+        finite = _finite_per_client(cohort, dense_deltas, deltas, losses, dense_rows)
+        local = {name for name in work if self._is_local(name)}
+        segments = {}  # table -> per client (its ids, its deltas or, if local, its new rows)
+        for name, delta in deltas.items():
+            sizes = np.diff(cohort.segments[name]).tolist()
+            values = work[name] if name in local else delta
+            segments[name] = list(zip(cohort.row_ids[name].split(sizes), values.split(sizes),
+                                      strict=True))
         updates = []
         for slot, client in enumerate(cohort.clients):
-            tables, local_rows = {}, {}
-            for name, delta in deltas.items():
-                rows = cohort.rows(name, slot)
-                ids = cohort.row_ids[name][rows]
-                if self._is_local(name):
-                    local_rows[name] = SparseRows(ids, work[name][rows])
-                else:
-                    tables[name] = SparseRows(ids, delta[rows])
+            rows = {name: SparseRows(*parts[slot]) for name, parts in segments.items()}
+            tables = {name: value for name, value in rows.items() if name not in local}
+            local_rows = {name: value for name, value in rows.items() if name in local}
             self.pending[client] = ClientState(local_rows, optimizer_kept[slot])
             updates.append(ClientUpdate(
                 client=client, num_samples=cohort.num_samples[slot], loss=losses[slot],
-                dense=dense_deltas[slot], tables=tables,
+                dense=dense_deltas[dense_rows[slot]], tables=tables,
                 download_bytes=int(cohort.bytes_moved[slot]),
                 samples_trained=cohort.samples_trained[slot],
                 loss_squared_sum=squares[slot], finite=finite[slot]))
@@ -214,13 +222,16 @@ class CohortTrainer:
 
 
 def _finite_per_client(cohort: Cohort, dense_deltas: Tensor, deltas: dict[str, Tensor],
-                       losses: list[float]) -> list[bool]:
+                       losses: list[float], dense_rows: list[int] | None = None) -> list[bool]:
     """Whether each client's loss and deltas are all finite: a few ops for the whole round.
 
     Row sums stand for their rows (NaN and Inf propagate through sums; isfinite(...).all()
     over the dense deltas took 13 ms a round, the sums 1 ms).
     """
-    finite = torch.isfinite(dense_deltas.sum(dim=1)) & torch.isfinite(torch.tensor(losses))
+    dense_finite = torch.isfinite(dense_deltas.sum(dim=1))
+    if dense_rows is not None:
+        dense_finite = dense_finite[dense_rows]
+    finite = dense_finite & torch.isfinite(torch.tensor(losses))
     for name, delta in deltas.items():
         bad_rows = (~torch.isfinite(delta.sum(dim=1))).to(torch.int64)
         finite &= torch.zeros(len(cohort.clients), dtype=torch.int64).index_add_(

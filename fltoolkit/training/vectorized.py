@@ -19,12 +19,16 @@ way, so a run can fall back to the sequential trainer with a reason.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, vmap
 
 from fltoolkit.run.config import ConfigError, FederatedConfig
 from fltoolkit.training.cohort import Cohort
@@ -32,11 +36,13 @@ from fltoolkit.training.optimizer_state import as_optimizer_list
 from fltoolkit.training.trainer import CohortTrainer
 from fltoolkit.training.updates import ClientUpdate
 from recsys.module import CTRModule
-from recsys.parts import embedding_tables
+from recsys.parts import TablePart, embedding_tables
 
 # the CTRModule methods a subclass must not override for the batched step to be its step
 CONTRACT = ("training_step", "logits_and_embeddings", "loss")
 ARCHES = ("dense_arch", "inter_arch", "over_arch")
+
+MIN_PADDING_SAVED = 256  # padded rows a further bucket must save (a bucket costs ~1 ms)
 
 log = logging.getLogger("fltk")
 
@@ -79,7 +85,8 @@ def sgd_learning_rates(module: CTRModule) -> tuple[float, float] | str:
     return rates[False].pop(), rates[True].pop()
 
 
-def trainer_class(module: torch.nn.Module, config: FederatedConfig) -> type[CohortTrainer]:
+def trainer_for(module: torch.nn.Module, config: FederatedConfig
+                ) -> Callable[..., CohortTrainer]:
     """The trainer `federated.vectorize` asks for: the vectorized one when it can serve
     (`auto`, `true`), else the sequential one (`false`; `auto` says why in one log line,
     `true` refuses with the reasons)."""
@@ -87,7 +94,7 @@ def trainer_class(module: torch.nn.Module, config: FederatedConfig) -> type[Coho
         return CohortTrainer
     blockers = vectorization_blockers(module, config.keep_optimizer_state)
     if not blockers:
-        return VectorizedTrainer
+        return partial(VectorizedTrainer, memory_mb=config.vectorize_memory_mb)
     if config.vectorize is True:
         raise ConfigError(f"federated.vectorize true: {'; '.join(blockers)}")
     log.info("clients train one after another (federated.vectorize auto): %s", blockers[0])
@@ -97,146 +104,245 @@ def trainer_class(module: torch.nn.Module, config: FederatedConfig) -> type[Coho
 class VectorizedTrainer(CohortTrainer):
     """CohortTrainer whose clients take their local steps together (see the module doc)."""
 
+    def __init__(self, *args: Any, memory_mb: float = 512, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.network = _DenseNetwork(self.module)
+        self.memory_mb = memory_mb
+
+    def chunk_clients(self, batch_size: int) -> int:
+        """How many clients step together so that their working set (weight gradients,
+        embeddings and activations of a batch) stays within `memory_mb`."""
+        layers = sum(m.out_features for m in self.network.modules()
+                     if isinstance(m, torch.nn.Linear))
+        features, width = len(self.parts.tables), self.network.embedding_dim
+        row_floats = 2 * features * width + 2 * (layers + (features + 1) ** 2
+                                                 + (features + 1) * width)
+        client_bytes = 4 * (3 * self.dense_size + batch_size * row_floats)
+        return max(1, int(self.memory_mb * 2**20 // client_bytes))
+
     def _train_clients(self, cohort: Cohort) -> list[ClientUpdate]:
         dense_lr, table_lr = sgd_learning_rates(self.module)
+        widest = max(step.stop - step.start for steps in cohort.steps for step in steps)
+        plan = StepPlan(cohort, self.chunk_clients(widest))
         start = self._start_rows(cohort)
-        work = {name: rows.clone() for name, rows in start.items()}
+        rows = _FlatRows(start, cohort, self.parts.tables)
+        work = rows.tables
         global_dense = torch.nn.utils.parameters_to_vector(self.parts.dense).detach()
-        weights = self._stacked_weights(len(cohort.clients))
         global_weights = {name: param.detach() for name, param in self._arch_parameters().items()}
-        step_losses, square_sums = _StepLosses(len(cohort.clients)), torch.zeros(
-            len(cohort.clients), dtype=torch.float64)
-        owners = ({name: cohort.row_owners(name) for name in work} if self.proximal_mu
-                  else {})
-        for active, rows, mask in _step_rows(cohort):  # only the clients with a k-th step
-            mine = {name: value[active] for name, value in weights.items()}
-            gradients, (losses, samples) = self._step(cohort, mine, work, rows, mask)
-            pulls = self._proximal_pulls(work, start, owners, active, len(cohort.clients))
-            for name, value in weights.items():
-                gradient = gradients[0][name]
-                if self.proximal_mu:  # FedProx: grad += mu (w - w_global)
-                    gradient = gradient + self.proximal_mu * (mine[name] - global_weights[name])
-                value.index_add_(0, active, gradient, alpha=-dense_lr)
-            self._apply_table_gradients(cohort, work, rows, mask, gradients[1], table_lr)
+        stacked = global_dense.expand(plan.clients, -1).clone()  # row p: client at position p
+        weights = self._views(stacked)
+        losses = torch.zeros(plan.clients, dtype=torch.float64)
+        square_sums = torch.zeros(plan.clients, dtype=torch.float64)
+        owners = ({name: plan.position[cohort.row_owners(name)] for name in work}
+                  if self.proximal_mu else {})
+        for stepping, buckets in plan.steps:
+            pulls = self._proximal_pulls(work, start, owners, stepping)
+            for bucket in buckets:
+                mine = {name: value[bucket.clients] for name, value in weights.items()}
+                weight_gradients, row_gradients, step_losses, samples = self._step(
+                    cohort, mine, rows, bucket)
+                for name, value in mine.items():
+                    gradient = weight_gradients[name]
+                    if self.proximal_mu:  # FedProx: grad += mu (w - w_global)
+                        gradient = gradient + self.proximal_mu * (value - global_weights[name])
+                    value.sub_(gradient, alpha=dense_lr)
+                rows.add(bucket, row_gradients, -table_lr)
+                losses[bucket.clients] += step_losses.double()
+                square_sums[bucket.clients] += (samples.double().square() * bucket.mask).sum(1)
             for name, (table_rows, pull) in pulls.items():
                 work[name].index_add_(0, table_rows, pull, alpha=-table_lr)
-            step_losses.add(active, losses)
-            square_sums.index_add_(0, active, (samples.double().square() * mask).sum(dim=1))
-        dense_deltas = self._flat(weights) - global_dense
-        return self._updates(cohort, start, work, dense_deltas, step_losses.means(),
-                             square_sums.tolist(), [None] * len(cohort.clients))
-
-    def _stacked_weights(self, clients: int) -> dict[str, Tensor]:
-        """Every client's copy of the dense weights, by parameter name: [C, ...] each."""
-        return {name: param.detach().expand(clients, *param.shape).clone()
-                for name, param in self._arch_parameters().items()}
+        by_slot = plan.position
+        mean_losses = (losses / plan.step_counts)[by_slot]
+        return self._updates(cohort, start, work, stacked.sub_(global_dense),
+                             mean_losses.tolist(), square_sums[by_slot].tolist(),
+                             [None] * plan.clients, by_slot.tolist())
 
     def _arch_parameters(self) -> dict[str, torch.nn.Parameter]:
         model = self.module.model
         return {f"{arch}.{name}": param for arch in ARCHES
                 for name, param in getattr(model, arch).named_parameters()}
 
-    def _flat(self, weights: dict[str, Tensor]) -> Tensor:
-        """[C, dense size] in the order of `parts.dense` (what ClientUpdate.dense holds)."""
+    def _views(self, stacked: Tensor) -> dict[str, Tensor]:
+        """Each dense parameter's [C, ...] view of the clients' flat weights [C, dense size]
+        (laid out like `parts.dense`, as ClientUpdate.dense): the deltas need no copy."""
         name_of = {id(param): name for name, param in self._arch_parameters().items()}
-        stacked = [weights[name_of[id(param)]] for param in self.parts.dense]
-        return torch.cat([value.reshape(value.shape[0], -1) for value in stacked], dim=1)
+        views, offset = {}, 0
+        for param in self.parts.dense:
+            views[name_of[id(param)]] = stacked[:, offset:offset + param.numel()].view(
+                -1, *param.shape)
+            offset += param.numel()
+        return views
 
-    def _step(self, cohort: Cohort, weights: dict[str, Tensor], work: dict[str, Tensor],
-              rows: Tensor, mask: Tensor) -> tuple[Any, tuple[Tensor, Tensor]]:
-        """One local step of every client: gradients of (its weights, its embeddings) and
-        (its loss, its rows' log losses)."""
-        dense, label = cohort.dense[rows], cohort.label[rows]
+    def _step(self, cohort: Cohort, weights: dict[str, Tensor],
+              rows: _FlatRows, bucket: Bucket
+              ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        """One local step of a bucket's clients: the gradients of their weights and of their
+        embeddings [n, W, F, E], their losses [n] and their rows' log losses [n, W].
+
+        The forward runs vmapped over the clients; one ordinary backward of the summed losses
+        gives each client its own gradients, since a client's loss depends on its weights
+        only (cheaper than vmapping a grad transform)."""
+        dense, label = cohort.dense[bucket.rows], cohort.label[bucket.rows]
         if dense.shape[-1] == 0:  # DLRM's dense arch needs one input; feed a constant
             dense = torch.zeros(*dense.shape[:-1], 1)
-        embedded = torch.stack([work[name][cohort.sparse[rows, part.columns[0]]]
-                                for name, part in self.parts.tables.items()], dim=2)
-        step = grad_and_value(self._client_loss, argnums=(0, 1), has_aux=True)
-        gradients, (losses, samples) = vmap(step)(weights, embedded, dense, label, mask)
-        return gradients, (losses.detach(), samples)
-
-    def _client_loss(self, weights: dict[str, Tensor], embedded: Tensor, dense: Tensor,
-                     label: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """One client's training loss on its padded batch (CTRModule's: mean BCE plus the
-        embedding L2 term, over the rows `mask` keeps)."""
-        model = self.module.model
-
-        def arch(name: str, *inputs: Tensor, **named: Tensor) -> Tensor:
-            """An arch of the network with this client's weights (the interaction arch has
-            some in DCN)."""
-            prefix = f"{name}."
-            own = {key[len(prefix):]: value for key, value in weights.items()
-                   if key.startswith(prefix)}
-            return functional_call(getattr(model, name), own, inputs, named)
-
-        interactions = arch("inter_arch", dense_features=arch("dense_arch", dense),
-                            sparse_features=embedded)
-        logits = arch("over_arch", interactions).squeeze(-1)
-        samples = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
-        count = mask.sum().clamp(min=1)
-        loss = (samples * mask).sum() / count
-        if self.module.embedding_l2:
-            norms = embedded.square().sum(dim=(1, 2))
-            loss = loss + self.module.embedding_l2 * (norms * mask).sum() / count
-        return loss, samples.detach()
+        embedded = rows.gather(bucket).requires_grad_()
+        leaves = {name: value.detach().requires_grad_() for name, value in weights.items()}
+        losses, samples = vmap(partial(functional_call, self.network))(
+            leaves, (embedded, dense, label, bucket.mask))
+        gradients = torch.autograd.grad(losses.sum(), [*leaves.values(), embedded])
+        return dict(zip(leaves, gradients[:-1], strict=True)), gradients[-1], \
+            losses.detach(), samples
 
     def _proximal_pulls(self, work: dict[str, Tensor], start: dict[str, Tensor],
-                        owners: dict[str, Tensor], active: Tensor, clients: int
+                        owners: dict[str, Tensor], stepping: slice
                         ) -> dict[str, tuple[Tensor, Tensor]]:
         """FedProx's table term at the current weights: mu (w - w_start) on every row of the
-        segments of the `active` slots (`owners`: each buffer row's slot; empty without
-        FedProx), as the sequential trainer adds it, to subtract times the table learning
-        rate along with the data gradient."""
-        if not owners:
-            return {}
-        stepping = torch.zeros(clients, dtype=torch.bool)
-        stepping[active] = True
+        segments of the `stepping` positions (`owners`: each buffer row's position; empty
+        without FedProx), as the sequential trainer adds it, to subtract times the table
+        learning rate along with the data gradient."""
         pulls = {}
         for name, owner in owners.items():
-            rows = torch.nonzero(stepping[owner]).reshape(-1)
+            rows = torch.nonzero((owner >= stepping.start) & (owner < stepping.stop)).reshape(-1)
             pulls[name] = (rows, self.proximal_mu * (work[name][rows] - start[name][rows]))
         return pulls
 
-    def _apply_table_gradients(self, cohort: Cohort, work: dict[str, Tensor], rows: Tensor,
-                               mask: Tensor, gradients: Tensor, lr: float) -> None:
-        """SGD on the compact buffers: each row belongs to one client's segment, so adding
-        every client's row gradients into the one buffer updates each client alone."""
-        kept = rows[mask]
-        for feature, (name, part) in enumerate(self.parts.tables.items()):
-            ids = cohort.sparse[kept, part.columns[0]]
-            work[name].index_add_(0, ids, gradients[:, :, feature][mask], alpha=-lr)
+
+class _DenseNetwork(torch.nn.Module):
+    """The network's dense, interaction and over arches with CTRModule's training loss, as one
+    module: a single `functional_call` runs a client's loss with that client's weights (the
+    parameter names are the network's own, `dense_arch.…`)."""
+
+    def __init__(self, module: CTRModule) -> None:
+        super().__init__()
+        self.dense_arch, self.inter_arch, self.over_arch = (
+            getattr(module.model, arch) for arch in ARCHES)
+        self.embedding_l2 = module.embedding_l2
+        self.embedding_dim = module.embedding_dim
+
+    def forward(self, embedded: Tensor, dense: Tensor, label: Tensor, mask: Tensor
+                ) -> tuple[Tensor, Tensor]:
+        """One client's loss on its padded batch (mean BCE plus the embedding L2 term, over
+        the rows `mask` keeps) and its rows' log losses."""
+        interactions = self.inter_arch(dense_features=self.dense_arch(dense),
+                                       sparse_features=embedded)
+        logits = self.over_arch(interactions).squeeze(-1)
+        samples = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
+        count = mask.sum().clamp(min=1)
+        loss = (samples * mask).sum() / count
+        if self.embedding_l2:
+            norms = embedded.square().sum(dim=(1, 2))
+            loss = loss + self.embedding_l2 * (norms * mask).sum() / count
+        return loss, samples.detach()
 
 
-class _StepLosses:
-    """Per client, the mean of its step losses over the steps it took."""
+class _FlatRows:
+    """The cohort's compact buffers of every table in one tensor [sum of U, E], so a step
+    gathers its clients' embeddings of all features with one index and applies their row
+    gradients with one `index_add_` (per table, 15 of each cost more than the step's math).
+    `tables` are views of it by table name."""
 
-    def __init__(self, clients: int) -> None:
-        self.total = torch.zeros(clients, dtype=torch.float64)
-        self.steps = torch.zeros(clients, dtype=torch.float64)
+    def __init__(self, start: dict[str, Tensor], cohort: Cohort,
+                 tables: dict[str, TablePart]) -> None:
+        self.flat = torch.cat([start[name] for name in tables])
+        sizes = [start[name].shape[0] for name in tables]
+        self.tables = dict(zip(tables, self.flat.split(sizes), strict=True))
+        self.offsets = torch.tensor([0, *np.cumsum(sizes)[:-1].tolist()], dtype=torch.int64)
+        self.columns = [part.columns[0] for part in tables.values()]
+        self.cohort = cohort
 
-    def add(self, clients: Tensor, losses: Tensor) -> None:
-        self.total.index_add_(0, clients, losses.double())
-        self.steps.index_add_(0, clients, torch.ones(len(clients), dtype=torch.float64))
+    def ids(self, bucket: Bucket) -> Tensor:
+        """[n, W, F] the rows of `flat` that the bucket's batches look up."""
+        return self.cohort.sparse[bucket.rows][..., self.columns] + self.offsets
 
-    def means(self) -> list[float]:
-        return (self.total / self.steps.clamp(min=1)).tolist()
+    def gather(self, bucket: Bucket) -> Tensor:
+        """[n, W, F, E] the bucket's embeddings."""
+        return self.flat[self.ids(bucket)]
+
+    def add(self, bucket: Bucket, gradients: Tensor, alpha: float) -> None:
+        """flat[row] += alpha * gradient for the real rows of the bucket's batches: each row
+        belongs to one client's segment, so every client's rows move alone."""
+        ids, mask = self.ids(bucket), bucket.mask
+        self.flat.index_add_(0, ids[mask].reshape(-1),
+                             gradients[mask].reshape(-1, self.flat.shape[1]), alpha=alpha)
 
 
-def _step_rows(cohort: Cohort) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """For each local step k: [A] the slots of the clients that have a k-th batch, [A, B]
-    the cohort rows of those batches (padded with row 0) and [A, B] which of them are real.
-    Clients differ in size by orders of magnitude, so a step computes for its clients only:
-    a client whose steps are over is left exactly as it is."""
-    longest = max(len(steps) for steps in cohort.steps)
-    batches = []
-    for k in range(longest):
-        active = [slot for slot, steps in enumerate(cohort.steps) if k < len(steps)]
-        width = max(cohort.steps[slot][k].stop - cohort.steps[slot][k].start for slot in active)
-        rows = torch.zeros(len(active), width, dtype=torch.int64)
-        mask = torch.zeros(len(active), width, dtype=torch.bool)
-        for position, slot in enumerate(active):
-            batch = cohort.steps[slot][k]
-            rows[position, :batch.stop - batch.start] = torch.arange(batch.start, batch.stop)
-            mask[position, :batch.stop - batch.start] = True
-        batches.append((torch.tensor(active, dtype=torch.int64), rows, mask))
-    return batches
+@dataclass(frozen=True)
+class Bucket:
+    """Clients that compute one local step together. n: clients, W: the widest batch.
+
+    Attributes:
+        clients: their positions (see StepPlan), a contiguous range.
+        rows: [n, W] the cohort rows of their batches, padded with row 0.
+        mask: [n, W] which of those rows are real.
+    """
+
+    clients: slice
+    rows: Tensor
+    mask: Tensor
+
+
+class StepPlan:
+    """The order in which a cohort's clients step together.
+
+    Clients are placed by decreasing number of local steps (then decreasing rows), so the
+    clients that have a k-th step are always the first positions of their chunk and their
+    weights a slice of the stacked ones, not a copy. Clients differ in size by orders of
+    magnitude, so a step computes for its clients only and a client whose steps are over
+    stays exactly as it is. Chunks of `chunk_clients` positions take all their steps one
+    chunk after another (the memory of a step follows its clients). A step's clients split
+    into buckets of similar batch widths when padding all of them to the widest would waste
+    more than `min_padding_saved` rows of compute.
+
+    Attributes:
+        clients: C.
+        order: [C] the slot at each position; position: [C] the position of each slot.
+        step_counts: [C] local steps of the client at each position (float64).
+        steps: per chunk and local step k, (the positions that have a k-th step, their
+            buckets).
+    """
+
+    def __init__(self, cohort: Cohort, chunk_clients: int,
+                 min_padding_saved: int = MIN_PADDING_SAVED) -> None:
+        counts = np.array([len(steps) for steps in cohort.steps], dtype=np.int64)
+        order = np.lexsort((-np.asarray(cohort.samples_trained), -counts))
+        self.clients = len(order)
+        self.order = torch.from_numpy(order)
+        self.position = torch.from_numpy(np.argsort(order))
+        counts = counts[order]
+        self.step_counts = torch.from_numpy(counts).double()
+        batches = [cohort.steps[slot] for slot in order.tolist()]
+        starts = np.fromiter((b.start for steps in batches for b in steps), dtype=np.int64)
+        widths = np.fromiter((b.stop - b.start for steps in batches for b in steps),
+                             dtype=np.int64)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self.steps: list[tuple[slice, list[Bucket]]] = []
+        for lo in range(0, self.clients, chunk_clients):
+            hi = min(lo + chunk_clients, self.clients)
+            for k in range(int(counts[lo])):
+                stop = lo + int((counts[lo:hi] > k).sum())
+                entries = first[lo:stop] + k
+                self.steps.append((slice(lo, stop), _buckets(
+                    starts[entries], widths[entries], lo, min_padding_saved)))
+
+
+def _buckets(starts: np.ndarray, widths: np.ndarray, first: int, min_saved: int
+             ) -> list[Bucket]:
+    """Contiguous ranges of the step's clients (at positions `first`, ...), each padded to
+    its own widest batch: a range ends where the widest batch of all later clients is at
+    most half as wide, if that saves at least `min_saved` padded rows."""
+    widest_after = np.maximum.accumulate(widths[::-1])[::-1]  # non-increasing
+    bounds = [0]
+    while True:
+        cap = widest_after[bounds[-1]]
+        cut = int(np.searchsorted(-widest_after, -(cap // 2)))
+        if cut >= len(widths) or (len(widths) - cut) * (cap - widest_after[cut]) < min_saved:
+            break
+        bounds.append(cut)
+    bounds.append(len(widths))
+    buckets = []
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        offsets = torch.arange(int(widest_after[lo]))
+        mask = offsets < torch.from_numpy(widths[lo:hi])[:, None]
+        rows = torch.where(mask, torch.from_numpy(starts[lo:hi])[:, None] + offsets, 0)
+        buckets.append(Bucket(slice(first + lo, first + hi), rows, mask))
+    return buckets
