@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 from figures import print_figures
+from rss import peak_rss_mb, reset_peak_rss_mb
 
 warnings.filterwarnings("ignore")
 
@@ -128,24 +129,6 @@ def _time_plain(module, data, batches: list[torch.Tensor]) -> float:
     return time.perf_counter() - started
 
 
-def _status_mb(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def _reset_peak_rss_mb() -> float:
-    """Reset the kernel's peak-RSS mark (VmHWM) and return the current RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_mb("VmRSS")
-
-
-def _peak_rss_mb() -> float:
-    return _status_mb("VmHWM")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -185,9 +168,9 @@ def main() -> None:
         speedups[clients] = (round(together / sequential, 2), round(together, 1))
     dm, module, loop = _setup(args.rows, 1_000_000, 1000)
     _time_round(loop, 1)  # lazily created optimizer state is not the round's growth
-    before = _reset_peak_rss_mb()
+    before = reset_peak_rss_mb()
     _time_round(loop, 2)
-    growth = _peak_rss_mb() - before
+    growth = peak_rss_mb() - before
     figures = {
         "a_round_over_same_steps": round(small["round_s"] / small["plain_steps_s"], 3),
         "a_round_over_same_steps_1m_tables": round(large["round_s"] / large["plain_steps_s"], 3),

@@ -1,0 +1,30 @@
+"""Benchmark scripts, run end to end at a tiny size (benchmarks/ is a folder of scripts, not a
+package: they import their shared helpers by file name)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_full_pass_trains_every_client_once_and_reports(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import full_pass
+
+    figures = full_pass.main(["--rows", "20000", "--clients-per-round", "200",
+                              "--sequential-clients", "400", "--dir", str(tmp_path)])
+
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == {"benchmark": "full_pass", **figures}
+    assert figures["clients_trained_once"] == figures["train_clients"] > 200
+    assert figures["rounds"] == math.ceil(figures["train_clients"] / 200)
+    assert figures["sequential_clients"] == 400
+    for key in ("generate_s", "preprocess_s", "preprocess_peak_rss_mb", "train_s",
+                "updates_per_s", "samples_per_s", "auc", "baseline_auc",
+                "sequential_updates_per_s", "sequential_samples_per_s",
+                "vectorized_over_sequential", "peak_rss_mb"):
+        assert figures[key] is not None, key
+    assert not any(tmp_path.iterdir())  # the generated data is removed
