@@ -1,6 +1,6 @@
 """One federated pass over the synthetic Taobao log at its real size: every user trains once.
 
-Measured in one process (1 torch thread):
+Measured in one process (torch's default threads, as `fltk fit` runs):
   data        the datamodule generates the synthetic CSVs into its cache (26M rows: ~1.13M
               users), preprocesses them (row check, join, vocabularies, splits, parquet) and
               loads the splits into tensors: seconds and peak RSS of each step;
