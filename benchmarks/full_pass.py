@@ -36,7 +36,7 @@ from typing import Any
 from figures import print_figures
 from rss import peak_rss_mb, reset_peak_rss_mb
 
-from fltoolkit.loop import FederatedLoop, LoopHooks
+from fltoolkit.loop import FederatedLoop, LoopHooks, frozen_heap
 from fltoolkit.run.fit import override_args
 from fltoolkit.run.parser import FltkCLI
 
@@ -177,8 +177,9 @@ def _sequential(args: argparse.Namespace, cache: Path, data: Any, vectorized: _R
     progress = _Rounds("sequential", rounds, args.progress_every)
     loop = _loop(_experiment(args, cache, "false"), data, rounds, progress)
     progress.start()
-    for round_index in range(1, rounds + 1):
-        loop.run_round(round_index)
+    with frozen_heap():  # as FederatedLoop.run does
+        for round_index in range(1, rounds + 1):
+            loop.run_round(round_index)
     seconds, updates = progress.elapsed[-1], progress.updates[-1]
     return {
         "sequential_clients": updates,

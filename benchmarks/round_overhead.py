@@ -5,7 +5,11 @@
   (b) the round / centralized training on the same rows concatenated, same batch size (fewer,
       fuller batches, so above 1 by nature; for information);
   (c) per-client time with 1M-row tables / with 10k-row tables (target <= 1.2);
-  (d) peak RSS growth during a round of 1000 clients with 1M-row tables (the updates only).
+  (d) peak RSS growth during a round of 1000 clients with 1M-row tables (the updates only);
+  (e) client updates per second of the vectorized trainer / the sequential one at 20 and 200
+      clients per round, whole rounds, with torch's default threads (targets 4x and 8x),
+      and the milliseconds of each step of a vectorized round.
+(a)-(d) run on one thread.
 
 Usage: python benchmarks/round_overhead.py [--rows 200000] [--repeats 5]
 Prints the figures and JSON on the last line.
@@ -24,6 +28,8 @@ import torch
 import yaml
 from figures import print_figures
 from rss import peak_rss_mb, reset_peak_rss_mb
+
+from fltoolkit.loop import frozen_heap
 
 warnings.filterwarnings("ignore")
 
@@ -89,11 +95,16 @@ class _StepTimes:
         return {name: round(value, 1) for name, value in sorted(ms.items())}
 
 
-def _updates_per_second(rows: int, clients: int, vectorize: bool, repeats: int) -> float:
-    """Client updates per second of whole rounds (median round, after a warm-up one)."""
+def _updates_per_second(rows: int, clients: int, vectorize: bool, repeats: int
+                        ) -> tuple[float, dict[str, float]]:
+    """Client updates per second of whole rounds (median round, after a warm-up one) and
+    the mean milliseconds of each step of those rounds."""
     _, _, loop = _setup(rows, 10_000, clients, vectorize)
-    times = [_time_round(loop, round_index) for round_index in range(1, repeats + 2)]
-    return clients / statistics.median(times[1:])
+    with frozen_heap():  # as FederatedLoop.run does
+        _time_round(loop, 1)
+        steps = _StepTimes(loop)
+        times = [_time_round(loop, round_index) for round_index in range(2, repeats + 2)]
+    return clients / statistics.median(times), steps.per_round_ms(repeats)
 
 
 def _time_round(loop, round_index: int) -> float:
@@ -134,6 +145,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
 
     results = {}
@@ -161,11 +173,15 @@ def main() -> None:
         del dm, module, loop
 
     small, large = results[10_000], results[1_000_000]
-    speedups = {}
+    torch.set_num_threads(threads)  # (e) as `fltk fit` runs, both trainers alike
+    speedups, vectorized_steps = {}, {}
     for clients in (20, 200):
-        sequential = _updates_per_second(args.rows, clients, False, args.repeats)
-        together = _updates_per_second(args.rows, clients, True, args.repeats)
-        speedups[clients] = (round(together / sequential, 2), round(together, 1))
+        sequential, _ = _updates_per_second(args.rows, clients, False, args.repeats)
+        together, vectorized_steps[clients] = _updates_per_second(args.rows, clients, True,
+                                                                  args.repeats)
+        speedups[clients] = (round(together / sequential, 2), round(together, 1),
+                             round(sequential, 1))
+    torch.set_num_threads(1)
     dm, module, loop = _setup(args.rows, 1_000_000, 1000)
     _time_round(loop, 1)  # lazily created optimizer state is not the round's growth
     before = reset_peak_rss_mb()
@@ -183,6 +199,10 @@ def main() -> None:
         "e_vectorized_over_sequential_updates_per_s_20_clients": speedups[20][0],
         "e_vectorized_over_sequential_updates_per_s_200_clients": speedups[200][0],
         "vectorized_updates_per_s_20_200_clients": [speedups[20][1], speedups[200][1]],
+        "sequential_updates_per_s_20_200_clients": [speedups[20][2], speedups[200][2]],
+        "vectorized_round_step_ms_20_clients": vectorized_steps[20],
+        "vectorized_round_step_ms_200_clients": vectorized_steps[200],
+        "e_threads": threads,
         "clients_per_round": 100,
         "local_steps_per_round": small["steps"],
     }

@@ -12,10 +12,12 @@ Checkpoints, resuming and stopping on signals live in `fltoolkit.run.checkpointi
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -164,6 +166,10 @@ class FederatedLoop:
         the last evaluation's row with the run's totals. Raises RunInterrupted after the
         checkpoint of the round in which `stop_requested` was set (e.g. by a signal)."""
         log.info("strategy:\n%s", self.strategy.summary())
+        with frozen_heap():
+            return self._run_rounds()
+
+    def _run_rounds(self) -> dict[str, Any]:
         started = time.perf_counter() - self.wall_time_s
         for round_index in range(self.completed_rounds + 1, self.config.rounds + 1):
             self.since_evaluation += self.run_round(round_index)
@@ -293,3 +299,16 @@ class FederatedLoop:
     def request_stop(self) -> None:
         """Stop after the current round, once its checkpoint is written (signal handlers)."""
         self.stop_requested = True
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Hide the objects alive now (the module, the data, the run's state) from Python's
+    cyclic garbage collector while rounds run. A round of 1000 clients makes tens of
+    thousands of short-lived objects, so collections are frequent, and each full one walked
+    the whole heap: a quarter of such a round's time before this (gc.freeze)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

@@ -61,14 +61,15 @@ def weighted_row_mean(updates: list[ClientUpdate], weights: Tensor, table: str,
     With `touched_only`, row r's mean is sum_{k touched r} w_k delta_k[r] / sum_{k touched r} w_k;
     otherwise the denominator is sum over all clients (untouched rows count as zero deltas).
     """
-    parts = [(u.tables[table], w) for u, w in zip(updates, weights, strict=True)
-             if table in u.tables and u.tables[table].ids.numel()]
+    parts = [(k, u.tables[table]) for k, u in enumerate(updates) if table in u.tables]
     if not parts:
         return None
-    ids = torch.cat([rows.ids for rows, _ in parts])
-    values = torch.cat([rows.values for rows, _ in parts])
-    row_weight = torch.repeat_interleave(torch.stack([w for _, w in parts]),
-                                         torch.tensor([rows.ids.numel() for rows, _ in parts]))
+    ids = torch.cat([rows.ids for _, rows in parts])
+    values = torch.cat([rows.values for _, rows in parts])
+    row_weight = torch.repeat_interleave(weights[[k for k, _ in parts]],
+                                         torch.tensor([len(rows.ids) for _, rows in parts]))
+    if not len(ids):
+        return None
     unique, inverse = torch.unique(ids, return_inverse=True)
     total = torch.zeros(unique.numel(), values.shape[1], dtype=values.dtype)
     total.index_add_(0, inverse, values * row_weight[:, None])
