@@ -99,7 +99,9 @@ def test_what_does_not_vectorize_is_named(synthetic_data):
     assert trainer_for(module, FederatedConfig(vectorize="auto")) is CohortTrainer
     assert trainer_for(_module(synthetic_data),
                        FederatedConfig(vectorize="auto")).func is VectorizedTrainer
-    assert trainer_for(_module(synthetic_data), FederatedConfig()) is CohortTrainer
+    assert trainer_for(_module(synthetic_data), FederatedConfig()).func is VectorizedTrainer
+    assert trainer_for(_module(synthetic_data),
+                       FederatedConfig(vectorize=False)) is CohortTrainer
 
 
 def test_a_vectorized_run_learns_like_the_sequential_one(synthetic_data):

@@ -58,9 +58,8 @@ class FederatedConfig:
             (see fltoolkit/faults.py: crash, nan, scale, scale_factor).
         vectorize: train a round's clients together (fltoolkit.training.vectorized): `true`
             (refused, with the reasons, where the module or settings do not support it),
-            `auto` (where supported, else one after another, with one log line saying why)
-            or `false` (one after another, the sequential trainer). Supported so far: plain
-            SGD, CTRModule's loss, FedProx and local tables; not kept optimizer state.
+            `auto`, the default (where supported, else one after another, with one log line
+            saying why) or `false` (one after another, the sequential trainer).
         vectorize_memory_mb: working memory of the clients that step together: a round of
             more clients than fit trains in chunks of that many, one after another.
         sharding: how the server's embedding tables are split across torchrun ranks with
@@ -85,7 +84,7 @@ class FederatedConfig:
     reject_norm_ratio: float | None = None
     faults: Faults | None = None
     sharding: Literal["none", "table_wise", "column_wise"] = "none"
-    vectorize: bool | Literal["auto"] = False
+    vectorize: bool | Literal["auto"] = "auto"
     vectorize_memory_mb: float = 512
 
     def __post_init__(self) -> None:
