@@ -108,6 +108,10 @@ class VectorizedTrainer(CohortTrainer):
         super().__init__(*args, **kwargs)
         self.network = _DenseNetwork(self.module)
         self.memory_mb = memory_mb
+        rates = sgd_learning_rates(self.module)  # configure_optimizers walks the module: once
+        if isinstance(rates, str):
+            raise ConfigError(f"the vectorized trainer cannot train this module: {rates}")
+        self.dense_lr, self.table_lr = rates
 
     def chunk_clients(self, batch_size: int) -> int:
         """How many clients step together so that their working set (weight gradients,
@@ -121,7 +125,7 @@ class VectorizedTrainer(CohortTrainer):
         return max(1, int(self.memory_mb * 2**20 // client_bytes))
 
     def _train_clients(self, cohort: Cohort) -> list[ClientUpdate]:
-        dense_lr, table_lr = sgd_learning_rates(self.module)
+        dense_lr, table_lr = self.dense_lr, self.table_lr
         widest = max(step.stop - step.start for steps in cohort.steps for step in steps)
         plan = StepPlan(cohort, self.chunk_clients(widest))
         start = self._start_rows(cohort)
