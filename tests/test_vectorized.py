@@ -196,3 +196,20 @@ def test_chunks_of_one_client_give_the_updates_of_one_chunk(synthetic_data):
         for name, rows in one.tables.items():
             torch.testing.assert_close(other.tables[name].values, rows.values, rtol=1e-5,
                                        atol=1e-6)
+
+
+def test_auto_falls_back_with_one_line_naming_why(synthetic_data, caplog):
+    """A module that changes the training step trains one client after another."""
+
+    class OwnStep(CTRModule):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    module = OwnStep(embedding_dim=8, dense_hidden=[16], over_hidden=[32],
+                     features=synthetic_data.features)
+    with caplog.at_level("INFO", logger="fltk"):
+        assert trainer_for(module, FederatedConfig()) is CohortTrainer
+    assert [r.getMessage() for r in caplog.records] == [
+        "clients train one after another (federated.vectorize auto): "
+        "OwnStep overrides CTRModule.training_step"]
