@@ -136,9 +136,15 @@ def _save(value: Any, param: nn.Parameter, segment: tuple[Tensor, slice] | None,
     if segment is None or value.shape != param.shape:
         return value.clone()
     ids, rows = segment
+    return kept_rows(ids, value[rows], kept)
+
+
+def kept_rows(ids: Tensor, values: Tensor, kept: Any) -> SparseRows:
+    """Row-wise state to keep: copies of these rows' `values` (`ids`: their global ids),
+    merged into the rows kept before (`kept`, if SparseRows: rows of earlier rounds stay)."""
     if isinstance(kept, SparseRows):
-        return kept.merged(ids, value[rows])
-    return SparseRows(ids.clone(), value[rows].clone())
+        return kept.merged(ids, values)
+    return SparseRows(ids.clone(), values.clone())
 
 
 def _load(value: Any, param: nn.Parameter, segment: tuple[Tensor, slice] | None,

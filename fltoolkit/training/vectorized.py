@@ -9,18 +9,25 @@ segments are disjoint, so one buffer serves every client), and one backward give
 client its own gradients. Step k computes for the clients that have a k-th batch only
 (shorter batches padded and masked), so a client whose steps are over stays as it was.
 
-Supported so far: CTRModule's own loss and forward (any DLRM-shaped `model` with one feature
-per table), plain SGD for the dense part and the tables, FedProx's term, local tables (their
-rows sit in the same compact buffers); not yet: momentum, Adam, Adagrad, kept optimizer
-state. `vectorization_blockers` names what stands in the
-way, so a run can fall back to the sequential trainer with a reason.
+Each client's local optimizers step its rows of the stacked weights and of the buffers, with
+their state stacked the same way (stacked_optimizers.py: torch.optim's math, including what
+it does with the tables' sparse gradients), and a client's kept optimizer state goes in and
+out in ClientOptimizerStates' format, so sequential and vectorized runs resume each other.
+
+Supported: CTRModule's own loss and forward (any DLRM-shaped `model` with one feature per
+table); SGD (momentum, dampening, nesterov, weight decay), Adam, AdamW and Adagrad for the
+dense part and SGD, Adagrad and SparseAdam for the tables, one setting per kind of parameter;
+FedProx's term; local tables (their rows sit in the same compact buffers); kept optimizer
+state. Not: other optimizers, and what torch refuses on sparse gradients in the sequential
+trainer too (Adam on the tables, weight decay on them, keeping SGD's sparse momentum).
+`vectorization_blockers` names what stands in the way, so a run can fall back to the
+sequential trainer with a reason.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -33,16 +40,16 @@ from torch.func import functional_call, vmap
 from fltoolkit.run.config import ConfigError, FederatedConfig
 from fltoolkit.training.cohort import Cohort
 from fltoolkit.training.optimizer_state import as_optimizer_list
+from fltoolkit.training.stacked_optimizers import LocalOptimizers, LocalRules, local_rules
+from fltoolkit.training.step_plan import Bucket, StepPlan
 from fltoolkit.training.trainer import CohortTrainer
 from fltoolkit.training.updates import ClientUpdate
 from recsys.module import CTRModule
-from recsys.parts import TablePart, embedding_tables
+from recsys.parts import TablePart, dense_parameters, embedding_tables
 
 # the CTRModule methods a subclass must not override for the batched step to be its step
 CONTRACT = ("training_step", "logits_and_embeddings", "loss")
 ARCHES = ("dense_arch", "inter_arch", "over_arch")
-
-MIN_PADDING_SAVED = 256  # padded rows a further bucket must save (a bucket costs ~1 ms)
 
 log = logging.getLogger("fltk")
 
@@ -59,30 +66,31 @@ def vectorization_blockers(module: torch.nn.Module, keep_optimizer_state: bool) 
               if len(config.feature_names) != 1]
     if shared:
         blockers.append(f"tables fed by several features ({', '.join(shared)})")
-    rates = sgd_learning_rates(module)
-    if isinstance(rates, str):
-        blockers.append(f"optimizer: {rates}")
-    if keep_optimizer_state:
-        blockers.append("federated.keep_optimizer_state is not vectorized yet")
-    return blockers
+    rules = optimizer_rules(module)
+    found = [rules] if isinstance(rules, str) else rules.blockers(keep_optimizer_state)
+    return blockers + [f"optimizer: {blocker}" for blocker in found]
 
 
-def sgd_learning_rates(module: CTRModule) -> tuple[float, float] | str:
-    """(dense lr, table lr) when `configure_optimizers` gives plain SGD with one learning rate
-    per kind of parameter; otherwise why not."""
-    tables = {id(weight) for weight, _ in embedding_tables(module).values()}
-    rates: dict[bool, set[float]] = {False: set(), True: set()}
-    for optimizer in as_optimizer_list(module.configure_optimizers()):
-        if type(optimizer) is not torch.optim.SGD:
-            return f"{type(optimizer).__name__} is not vectorized yet (plain SGD is)"
-        for group in optimizer.param_groups:
-            if group["momentum"] or group["weight_decay"] or group["maximize"]:
-                return "SGD with momentum, weight decay or maximize is not vectorized yet"
-            rates[True].update(group["lr"] for p in group["params"] if id(p) in tables)
-            rates[False].update(group["lr"] for p in group["params"] if id(p) not in tables)
-    if len(rates[False]) != 1 or len(rates[True]) != 1:
-        return "several learning rates for the dense parameters or for the tables"
-    return rates[False].pop(), rates[True].pop()
+def optimizer_rules(module: CTRModule, dense: dict[str, torch.nn.Parameter] | None = None
+                    ) -> LocalRules | str:
+    """What `configure_optimizers` gives, as one stacked rule (with its learning rate and
+    hyper-parameters, read from the param groups) per kind of parameter, dense or table; or
+    why it does not vectorize. `dense`: the dense parameters by name (default: by position).
+
+    The optimizers are built over emptied tables: only their param groups are read, and
+    Adagrad allocates state as large as its parameters, here the global tables."""
+    tables = {name: weight for name, (weight, _) in embedding_tables(module).items()}
+    if dense is None:
+        dense = {str(i): param for i, param in enumerate(dense_parameters(module))}
+    held = {name: weight.data for name, weight in tables.items()}
+    try:
+        for weight in tables.values():
+            weight.data = weight.data[:0]
+        optimizers = as_optimizer_list(module.configure_optimizers())
+    finally:
+        for name, weight in tables.items():
+            weight.data = held[name]
+    return local_rules(optimizers, dense, tables)
 
 
 def trainer_for(module: torch.nn.Module, config: FederatedConfig
@@ -108,10 +116,10 @@ class VectorizedTrainer(CohortTrainer):
         super().__init__(*args, **kwargs)
         self.network = _DenseNetwork(self.module)
         self.memory_mb = memory_mb
-        rates = sgd_learning_rates(self.module)  # configure_optimizers walks the module: once
-        if isinstance(rates, str):
-            raise ConfigError(f"the vectorized trainer cannot train this module: {rates}")
-        self.dense_lr, self.table_lr = rates
+        rules = optimizer_rules(self.module, self._arch_parameters())  # read once: it walks
+        if isinstance(rules, str):                                     # the module
+            raise ConfigError(f"federated.vectorize: optimizer: {rules}")
+        self.rules = rules
 
     def chunk_clients(self, batch_size: int) -> int:
         """How many clients step together so that their working set (weight gradients,
@@ -125,7 +133,6 @@ class VectorizedTrainer(CohortTrainer):
         return max(1, int(self.memory_mb * 2**20 // client_bytes))
 
     def _train_clients(self, cohort: Cohort) -> list[ClientUpdate]:
-        dense_lr, table_lr = self.dense_lr, self.table_lr
         widest = max(step.stop - step.start for steps in cohort.steps for step in steps)
         plan = StepPlan(cohort, self.chunk_clients(widest))
         start = self._start_rows(cohort)
@@ -138,28 +145,83 @@ class VectorizedTrainer(CohortTrainer):
         losses = torch.zeros(plan.clients, dtype=torch.float64)
         square_sums = torch.zeros(plan.clients, dtype=torch.float64)
         owners = ({name: plan.position[cohort.row_owners(name)] for name in work}
-                  if self.proximal_mu else {})
-        for stepping, buckets in plan.steps:
-            pulls = self._proximal_pulls(work, start, owners, stepping)
+                  if self.proximal_mu or self.rules.tables.linear_rate() is None else {})
+        optimizers = self._local_optimizers(cohort, plan, weights, work, owners)
+        for _, buckets in plan.steps:
             for bucket in buckets:
                 mine = {name: value[bucket.clients] for name, value in weights.items()}
                 weight_gradients, row_gradients, step_losses, samples = self._step(
                     cohort, mine, rows, bucket)
-                for name, value in mine.items():
-                    gradient = weight_gradients[name]
-                    if self.proximal_mu:  # FedProx: grad += mu (w - w_global)
-                        gradient = gradient + self.proximal_mu * (value - global_weights[name])
-                    value.sub_(gradient, alpha=dense_lr)
-                rows.add(bucket, row_gradients, -table_lr)
+                if self.proximal_mu:  # FedProx: grad += mu (w - w_global), on rows too
+                    for name, value in mine.items():
+                        weight_gradients[name] = weight_gradients[name] + self.proximal_mu * (
+                            value - global_weights[name])
+                pulls = self._proximal_pulls(work, start, owners, bucket.clients)
+                self._step_dense(optimizers, weights, mine, weight_gradients, bucket)
+                self._step_tables(optimizers, rows, bucket, row_gradients, pulls)
                 losses[bucket.clients] += step_losses.double()
                 square_sums[bucket.clients] += (samples.double().square() * bucket.mask).sum(1)
-            for name, (table_rows, pull) in pulls.items():
-                work[name].index_add_(0, table_rows, pull, alpha=-table_lr)
         by_slot = plan.position
         mean_losses = (losses / plan.step_counts)[by_slot]
         return self._updates(cohort, start, work, stacked.sub_(global_dense),
                              mean_losses.tolist(), square_sums[by_slot].tolist(),
-                             [None] * plan.clients, by_slot.tolist())
+                             self._kept_states(cohort, plan, optimizers), by_slot.tolist())
+
+    def _step_dense(self, optimizers: LocalOptimizers, weights: dict[str, Tensor],
+                    mine: dict[str, Tensor], gradients: dict[str, Tensor], bucket: Bucket
+                    ) -> None:
+        """The local optimizer's step of the bucket's clients on their stacked weights (plain
+        SGD: in place on the slice)."""
+        rate = self.rules.dense.linear_rate()
+        if rate is not None:
+            for name, value in mine.items():
+                value.add_(gradients[name], alpha=rate)
+            return
+        positions = torch.arange(bucket.clients.start, bucket.clients.stop)
+        optimizers.dense.step(positions, weights, {name: [(positions, gradient)] for
+                                                   name, gradient in gradients.items()},
+                              coalesced=True)
+
+    def _step_tables(self, optimizers: LocalOptimizers, rows: _FlatRows, bucket: Bucket,
+                     gradients: Tensor, pulls: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """The local optimizer's step of the bucket's clients on their rows: the batch rows'
+        embedding gradients and FedProx's pull, as the sequential trainer's sparse gradient
+        (plain SGD: both added into the one buffer)."""
+        rate = self.rules.tables.linear_rate()
+        if rate is not None:
+            rows.add(bucket, gradients, rate)
+            for name, (table_rows, pull) in pulls.items():
+                rows.tables[name].index_add_(0, table_rows, pull, alpha=rate)
+            return
+        positions = torch.arange(bucket.clients.start, bucket.clients.stop)
+        optimizers.tables.step(positions, rows.tables, rows.pieces(bucket, gradients, pulls))
+
+    def _local_optimizers(self, cohort: Cohort, plan: StepPlan, weights: dict[str, Tensor],
+                          work: dict[str, Tensor], owners: dict[str, Tensor]
+                          ) -> LocalOptimizers:
+        """Every client's local optimizers over its rows, with the state it kept loaded."""
+        optimizers = LocalOptimizers(self.rules, weights, work, owners, plan.clients)
+        if self.optimizer_states is not None:
+            for slot, client in enumerate(cohort.clients):
+                optimizers.load(int(plan.position[slot]),
+                                self.optimizer_states.states.get(client),
+                                self._segments(cohort, slot))
+        return optimizers
+
+    def _kept_states(self, cohort: Cohort, plan: StepPlan, optimizers: LocalOptimizers
+                     ) -> list[Any]:
+        """Each client's optimizer state to keep, as the sequential trainer gives it."""
+        if self.optimizer_states is None:
+            return [None] * len(cohort.clients)
+        return [optimizers.snapshot(int(plan.position[slot]),
+                                    self.optimizer_states.states.get(client),
+                                    self._segments(cohort, slot))
+                for slot, client in enumerate(cohort.clients)]
+
+    def _segments(self, cohort: Cohort, slot: int) -> dict[str, tuple[Tensor, slice]]:
+        """Per table, a client's global row ids and the buffer rows that hold them."""
+        return {name: (cohort.row_ids[name][cohort.rows(name, slot)], cohort.rows(name, slot))
+                for name in self.parts.tables}
 
     def _arch_parameters(self) -> dict[str, torch.nn.Parameter]:
         model = self.module.model
@@ -205,6 +267,8 @@ class VectorizedTrainer(CohortTrainer):
         without FedProx), as the sequential trainer adds it, to subtract times the table
         learning rate along with the data gradient."""
         pulls = {}
+        if not self.proximal_mu:
+            return pulls
         for name, owner in owners.items():
             rows = torch.nonzero((owner >= stepping.start) & (owner < stepping.stop)).reshape(-1)
             pulls[name] = (rows, self.proximal_mu * (work[name][rows] - start[name][rows]))
@@ -262,91 +326,21 @@ class _FlatRows:
         """[n, W, F, E] the bucket's embeddings."""
         return self.flat[self.ids(bucket)]
 
+    def pieces(self, bucket: Bucket, gradients: Tensor, pulls: dict[str, tuple[Tensor, Tensor]]
+               ) -> dict[str, list[tuple[Tensor, Tensor]]]:
+        """Per table, its gradient as the sequential trainer's sparse one, uncoalesced: the
+        rows of the bucket's batches with their embedding gradients, then FedProx's pull."""
+        ids, real = self.ids(bucket)[bucket.mask], gradients[bucket.mask]
+        pieces = {}
+        for feature, name in enumerate(self.tables):
+            pieces[name] = [(ids[:, feature] - self.offsets[feature], real[:, feature])]
+            if name in pulls:
+                pieces[name].append(pulls[name])
+        return pieces
+
     def add(self, bucket: Bucket, gradients: Tensor, alpha: float) -> None:
         """flat[row] += alpha * gradient for the real rows of the bucket's batches: each row
         belongs to one client's segment, so every client's rows move alone."""
         ids, mask = self.ids(bucket), bucket.mask
         self.flat.index_add_(0, ids[mask].reshape(-1),
                              gradients[mask].reshape(-1, self.flat.shape[1]), alpha=alpha)
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """Clients that compute one local step together. n: clients, W: the widest batch.
-
-    Attributes:
-        clients: their positions (see StepPlan), a contiguous range.
-        rows: [n, W] the cohort rows of their batches, padded with row 0.
-        mask: [n, W] which of those rows are real.
-    """
-
-    clients: slice
-    rows: Tensor
-    mask: Tensor
-
-
-class StepPlan:
-    """The order in which a cohort's clients step together.
-
-    Clients are placed by decreasing number of local steps (then decreasing rows), so the
-    clients that have a k-th step are always the first positions of their chunk and their
-    weights a slice of the stacked ones, not a copy. Clients differ in size by orders of
-    magnitude, so a step computes for its clients only and a client whose steps are over
-    stays exactly as it is. Chunks of `chunk_clients` positions take all their steps one
-    chunk after another (the memory of a step follows its clients). A step's clients split
-    into buckets of similar batch widths when padding all of them to the widest would waste
-    more than `min_padding_saved` rows of compute.
-
-    Attributes:
-        clients: C.
-        order: [C] the slot at each position; position: [C] the position of each slot.
-        step_counts: [C] local steps of the client at each position (float64).
-        steps: per chunk and local step k, (the positions that have a k-th step, their
-            buckets).
-    """
-
-    def __init__(self, cohort: Cohort, chunk_clients: int,
-                 min_padding_saved: int = MIN_PADDING_SAVED) -> None:
-        counts = np.array([len(steps) for steps in cohort.steps], dtype=np.int64)
-        order = np.lexsort((-np.asarray(cohort.samples_trained), -counts))
-        self.clients = len(order)
-        self.order = torch.from_numpy(order)
-        self.position = torch.from_numpy(np.argsort(order))
-        counts = counts[order]
-        self.step_counts = torch.from_numpy(counts).double()
-        batches = [cohort.steps[slot] for slot in order.tolist()]
-        starts = np.fromiter((b.start for steps in batches for b in steps), dtype=np.int64)
-        widths = np.fromiter((b.stop - b.start for steps in batches for b in steps),
-                             dtype=np.int64)
-        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        self.steps: list[tuple[slice, list[Bucket]]] = []
-        for lo in range(0, self.clients, chunk_clients):
-            hi = min(lo + chunk_clients, self.clients)
-            for k in range(int(counts[lo])):
-                stop = lo + int((counts[lo:hi] > k).sum())
-                entries = first[lo:stop] + k
-                self.steps.append((slice(lo, stop), _buckets(
-                    starts[entries], widths[entries], lo, min_padding_saved)))
-
-
-def _buckets(starts: np.ndarray, widths: np.ndarray, first: int, min_saved: int
-             ) -> list[Bucket]:
-    """Contiguous ranges of the step's clients (at positions `first`, ...), each padded to
-    its own widest batch: a range ends where the widest batch of all later clients is at
-    most half as wide, if that saves at least `min_saved` padded rows."""
-    widest_after = np.maximum.accumulate(widths[::-1])[::-1]  # non-increasing
-    bounds = [0]
-    while True:
-        cap = widest_after[bounds[-1]]
-        cut = int(np.searchsorted(-widest_after, -(cap // 2)))
-        if cut >= len(widths) or (len(widths) - cut) * (cap - widest_after[cut]) < min_saved:
-            break
-        bounds.append(cut)
-    bounds.append(len(widths))
-    buckets = []
-    for lo, hi in zip(bounds, bounds[1:], strict=False):
-        offsets = torch.arange(int(widest_after[lo]))
-        mask = offsets < torch.from_numpy(widths[lo:hi])[:, None]
-        rows = torch.where(mask, torch.from_numpy(starts[lo:hi])[:, None] + offsets, 0)
-        buckets.append(Bucket(slice(first + lo, first + hi), rows, mask))
-    return buckets
