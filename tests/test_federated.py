@@ -20,12 +20,14 @@ from recsys.module import CTRModule
 from recsys.parts import split_parameters
 
 
-def _module(data, seed: int = 0) -> CTRModule:
-    """A small DLRM with plain SGD locally (no optimizer state to carry between clients)."""
+def _module(data, seed: int = 0, optimizers=None) -> CTRModule:
+    """A small DLRM with plain SGD locally (no optimizer state to carry between clients)
+    unless `optimizers` gives the (dense, sparse) optimizer callables."""
     torch.manual_seed(seed)
+    dense, sparse = optimizers or (lambda p: torch.optim.SGD(p, lr=0.3),
+                                   lambda p: torch.optim.SGD(p, lr=10.0))
     return CTRModule(embedding_dim=8, dense_hidden=[16], over_hidden=[32], features=data.features,
-                     dense_optimizer=lambda p: torch.optim.SGD(p, lr=0.3),
-                     sparse_optimizer=lambda p: torch.optim.SGD(p, lr=10.0))
+                     dense_optimizer=dense, sparse_optimizer=sparse)
 
 
 def _state(module: CTRModule) -> dict[str, torch.Tensor]:
@@ -148,10 +150,11 @@ def test_fedprox_term_pulls_toward_the_global_weights(synthetic_data):
         assert pulled.tables[name].values.norm() < free.tables[name].values.norm()
 
 
-def _loop(data, seed: int = 0, systems=None, **kwargs) -> FederatedLoop:
+def _loop(data, seed: int = 0, systems=None, optimizers=None, **kwargs) -> FederatedLoop:
     config = FederatedConfig(**{"rounds": 4, "clients_per_round": 20, "eval_interval": 2,
                                 "batch_size": 16, **kwargs})
-    return FederatedLoop(_module(data, seed), data, config, seed=seed, systems=systems)
+    return FederatedLoop(_module(data, seed, optimizers), data, config, seed=seed,
+                         systems=systems)
 
 
 def test_local_tables_never_leave_the_client(synthetic_data):
@@ -302,8 +305,9 @@ def test_round_finiteness_check_flags_exactly_the_clients_with_a_bad_delta():
 def test_a_rejected_client_keeps_nothing_of_the_round(synthetic_data):
     """Local rows and kept optimizer state are stored only for accepted updates: a client
     whose update the gate refused (here: NaN) is exactly as it was before the round."""
-    loop = _loop(synthetic_data, rounds=1, local_tables=["user"], keep_optimizer_state=True)
-    loop.module.sparse_optimizer = lambda p: torch.optim.Adagrad(p, lr=0.1)
+    loop = _loop(synthetic_data, rounds=1, local_tables=["user"], keep_optimizer_state=True,
+                 optimizers=(lambda p: torch.optim.SGD(p, lr=0.3),
+                             lambda p: torch.optim.Adagrad(p, lr=0.1)))
     train_round = loop.trainer.train_round
 
     def poisoned(cohort) -> list[ClientUpdate]:

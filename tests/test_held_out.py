@@ -54,8 +54,9 @@ def test_a_diverged_global_model_stops_the_run_with_a_clear_error(synthetic_data
     stops with one line instead of logging NaN metrics for the remaining rounds."""
     from tests.test_federated import _loop
 
-    loop = _loop(synthetic_data, rounds=2, eval_interval=1, local_tables=["user"])
-    loop.module.sparse_optimizer = lambda p: torch.optim.SGD(p, lr=1e30)
+    loop = _loop(synthetic_data, rounds=2, eval_interval=1, local_tables=["user"],
+                 optimizers=(lambda p: torch.optim.SGD(p, lr=0.3),
+                             lambda p: torch.optim.SGD(p, lr=1e30)))
     with pytest.raises(FloatingPointError, match="round 1: the global model gives non-finite"):
         loop.run()
 

@@ -126,11 +126,10 @@ def test_loop_state_round_trips_through_a_checkpoint_file(synthetic_data, tmp_pa
     from tests.test_federated import _loop
 
     def build():
-        loop = _loop(synthetic_data, rounds=4, eval_interval=2, local_tables=["user"],
-                     keep_optimizer_state=True, strategy=FedYogi(server_lr=0.01), selector=Oort())
-        loop.module.dense_optimizer = lambda p: torch.optim.Adam(p, lr=1e-3)
-        loop.module.sparse_optimizer = lambda p: torch.optim.Adagrad(p, lr=0.1)
-        return loop
+        return _loop(synthetic_data, rounds=4, eval_interval=2, local_tables=["user"],
+                     keep_optimizer_state=True, strategy=FedYogi(server_lr=0.01), selector=Oort(),
+                     optimizers=(lambda p: torch.optim.Adam(p, lr=1e-3),
+                                 lambda p: torch.optim.Adagrad(p, lr=0.1)))
 
     whole = build()
     expected = whole.run()

@@ -35,17 +35,23 @@ class LocalSchedule:
     local_steps: int = 1
     local_epochs: int | None = None
 
-    def batches(self, num_rows: int, generator: torch.Generator) -> list[Tensor]:
-        """Row positions (within the client) of each local mini-batch."""
+    def order(self, num_rows: int, generator: torch.Generator) -> tuple[Tensor, list[int]]:
+        """Row positions (within the client) in training order, and the sizes of the local
+        mini-batches they make, one after another."""
         if self.local_epochs:
-            return [batch for _ in range(self.local_epochs)
-                    for batch in torch.randperm(num_rows, generator=generator)
-                    .split(self.batch_size)]
+            order = torch.cat([torch.randperm(num_rows, generator=generator)
+                               for _ in range(self.local_epochs)])
+            full, rest = divmod(num_rows, self.batch_size)
+            return order, ([self.batch_size] * full + [rest] * bool(rest)) * self.local_epochs
         size = min(self.batch_size, num_rows)
         needed = self.local_steps * size
         order = torch.randperm(num_rows, generator=generator)
-        order = order.repeat(math.ceil(needed / num_rows))[:needed]
-        return list(order.view(self.local_steps, size))
+        return order.repeat(math.ceil(needed / num_rows))[:needed], [size] * self.local_steps
+
+    def batches(self, num_rows: int, generator: torch.Generator) -> list[Tensor]:
+        """Row positions (within the client) of each local mini-batch."""
+        order, sizes = self.order(num_rows, generator)
+        return list(order.split(sizes))
 
 
 @dataclass(frozen=True)
@@ -145,16 +151,16 @@ class CohortPlanner:
         every client's distinct rows and, through the inverse, the remapped ids of its batches.
         """
         positions, steps, counts, num_samples, offset = [], [], [], [], 0
+        generator = torch.Generator()
         for client, seed in zip(clients, seeds, strict=True):
             rows = self.data.client_rows(client)
             num_samples.append(rows.stop - rows.start)
-            generator = torch.Generator().manual_seed(seed)
-            batches = self.schedule.batches(rows.stop - rows.start, generator)
-            positions += [rows.start + batch for batch in batches]
-            sizes = [len(batch) for batch in batches]
+            order, sizes = self.schedule.order(rows.stop - rows.start,
+                                               generator.manual_seed(seed))
+            positions.append(rows.start + order)
             bounds = [offset, *(offset + total for total in accumulate(sizes))]
             steps.append([slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)])
-            counts.append(sum(sizes))
+            counts.append(len(order))
             offset += counts[-1]
         order = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
         slot = torch.repeat_interleave(torch.arange(len(clients)), torch.tensor(counts,

@@ -66,6 +66,8 @@ def vectorization_blockers(module: torch.nn.Module, keep_optimizer_state: bool) 
               if len(config.feature_names) != 1]
     if shared:
         blockers.append(f"tables fed by several features ({', '.join(shared)})")
+    if len({config.embedding_dim for _, config in embedding_tables(module).values()}) > 1:
+        blockers.append("tables of different widths")
     rules = optimizer_rules(module)
     found = [rules] if isinstance(rules, str) else rules.blockers(keep_optimizer_state)
     return blockers + [f"optimizer: {blocker}" for blocker in found]
@@ -126,7 +128,8 @@ class VectorizedTrainer(CohortTrainer):
         embeddings and activations of a batch) stays within `memory_mb`."""
         layers = sum(m.out_features for m in self.network.modules()
                      if isinstance(m, torch.nn.Linear))
-        features, width = len(self.parts.tables), self.network.embedding_dim
+        features = len(self.parts.tables)
+        width = max((part.weight.shape[1] for part in self.parts.tables.values()), default=0)
         row_floats = 2 * features * width + 2 * (layers + (features + 1) ** 2
                                                  + (features + 1) * width)
         client_bytes = 4 * (3 * self.dense_size + batch_size * row_floats)
@@ -285,7 +288,6 @@ class _DenseNetwork(torch.nn.Module):
         self.dense_arch, self.inter_arch, self.over_arch = (
             getattr(module.model, arch) for arch in ARCHES)
         self.embedding_l2 = module.embedding_l2
-        self.embedding_dim = module.embedding_dim
 
     def forward(self, embedded: Tensor, dense: Tensor, label: Tensor, mask: Tensor
                 ) -> tuple[Tensor, Tensor]:
