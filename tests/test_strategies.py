@@ -162,3 +162,29 @@ def test_mismatched_shapes_raise_a_named_error():
         FedAvg().aggregate([bad], _server())
     with pytest.raises(AggregationError, match="no client updates"):
         FedAvg().aggregate([], _server())
+
+
+def test_row_means_of_several_tables_at_once_by_hand():
+    """Two tables of one width averaged together must not mix rows with equal ids, and a row
+    id beyond its table is refused rather than landing in the next table."""
+    from fltoolkit.strategies.base import AggregationError, weighted_row_means
+
+    tables = {"a": torch.zeros(3, 1), "b": torch.zeros(2, 1), "wide": torch.zeros(2, 2)}
+    one = ClientUpdate(client=0, num_samples=1, loss=0.0, dense=torch.zeros(1), tables={
+        "a": SparseRows(torch.tensor([0, 2]), torch.tensor([[1.0], [2.0]])),
+        "b": SparseRows(torch.tensor([0]), torch.tensor([[10.0]]))})
+    other = ClientUpdate(client=1, num_samples=3, loss=0.0, dense=torch.zeros(1), tables={
+        "a": SparseRows(torch.tensor([2]), torch.tensor([[6.0]])),
+        "wide": SparseRows(torch.tensor([1]), torch.tensor([[1.0, 2.0]]))})
+    means = weighted_row_means([one, other], torch.tensor([1.0, 3.0]), tables)
+    assert means["a"].ids.tolist() == [0, 2]
+    assert means["a"].mean.tolist() == [[1.0], [(1 * 2.0 + 3 * 6.0) / 4]]  # 5.0
+    assert means["b"].ids.tolist() == [0] and means["b"].mean.tolist() == [[10.0]]
+    assert means["wide"].mean.tolist() == [[1.0, 2.0]]
+    spread = weighted_row_means([one, other], torch.tensor([1.0, 3.0]), tables,
+                                touched_only=False)
+    assert spread["b"].mean.tolist() == [[10.0 / 4]]
+    beyond = ClientUpdate(client=2, num_samples=1, loss=0.0, dense=torch.zeros(1), tables={
+        "a": SparseRows(torch.tensor([3]), torch.tensor([[1.0]]))})  # row 0 of "b" if offset
+    with pytest.raises(AggregationError, match="row ids outside"):
+        weighted_row_means([beyond], torch.tensor([1.0]), tables)

@@ -54,31 +54,51 @@ def weighted_dense_mean(updates: list[ClientUpdate], weights: Tensor) -> Tensor:
     return total / weights.sum()
 
 
-def weighted_row_mean(updates: list[ClientUpdate], weights: Tensor, table: str,
-                      touched_only: bool = True) -> RowAverage | None:
-    """Row-wise weighted mean of one table's deltas.
+def weighted_row_means(updates: list[ClientUpdate], weights: Tensor, tables: dict[str, Tensor],
+                       touched_only: bool = True) -> dict[str, RowAverage]:
+    """Row-wise weighted mean of each table's deltas (`tables`: the server's weights, for
+    their shapes), for the tables some update touched.
 
     With `touched_only`, row r's mean is sum_{k touched r} w_k delta_k[r] / sum_{k touched r} w_k;
     otherwise the denominator is sum over all clients (untouched rows count as zero deltas).
+    Tables of one width are averaged together, their rows told apart by an offset: a round's
+    pieces are clients x tables, and one unique and one index_add over all of them cost far
+    less than a few small ops per table.
     """
-    parts = [(k, u.tables[table]) for k, u in enumerate(updates) if table in u.tables]
-    if not parts:
-        return None
-    ids = torch.cat([rows.ids for _, rows in parts])
-    values = torch.cat([rows.values for _, rows in parts])
-    row_weight = torch.repeat_interleave(weights[[k for k, _ in parts]],
-                                         torch.tensor([len(rows.ids) for _, rows in parts]))
-    if not len(ids):
-        return None
-    unique, inverse = torch.unique(ids, return_inverse=True)
-    total = torch.zeros(unique.numel(), values.shape[1], dtype=values.dtype)
-    total.index_add_(0, inverse, values * row_weight[:, None])
-    if touched_only:
-        denominator = torch.zeros(unique.numel(), dtype=values.dtype)
-        denominator.index_add_(0, inverse, row_weight)
-    else:
-        denominator = weights.sum().expand(unique.numel())
-    return RowAverage(unique, total / denominator[:, None])
+    by_width: dict[int, list[str]] = {}
+    for name, weight in tables.items():
+        by_width.setdefault(weight.shape[1], []).append(name)
+    means = {}
+    for names in by_width.values():
+        sizes = [tables[name].shape[0] for name in names]
+        offsets = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
+        pieces = [(k, i, u.tables[name]) for k, u in enumerate(updates)
+                  for i, name in enumerate(names) if name in u.tables]
+        if not pieces:
+            continue
+        counts = torch.tensor([rows.ids.shape[0] for _, _, rows in pieces])
+        table = torch.repeat_interleave(torch.tensor([i for _, i, _ in pieces]), counts)
+        ids = torch.cat([rows.ids for _, _, rows in pieces])
+        if len(ids) and bool(((ids < 0) | (ids >= offsets[table + 1] - offsets[table])).any()):
+            raise AggregationError(f"row ids outside the tables {names} in an update")
+        keys = ids + offsets[table]
+        values = torch.cat([rows.values for _, _, rows in pieces])
+        row_weight = torch.repeat_interleave(weights[[k for k, _, _ in pieces]], counts)
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        total = torch.zeros(unique.numel(), values.shape[1], dtype=values.dtype)
+        total.index_add_(0, inverse, values * row_weight[:, None])
+        if touched_only:
+            denominator = torch.zeros(unique.numel(), dtype=values.dtype)
+            denominator.index_add_(0, inverse, row_weight)
+        else:
+            denominator = weights.sum().expand(unique.numel())
+        mean = total / denominator[:, None]
+        bounds = torch.searchsorted(unique, offsets).tolist()
+        for i, name in enumerate(names):
+            if bounds[i + 1] > bounds[i]:
+                rows = slice(bounds[i], bounds[i + 1])
+                means[name] = RowAverage(unique[rows] - offsets[i], mean[rows])
+    return means
 
 
 def check_updates(updates: list[ClientUpdate], server: ServerModel) -> None:

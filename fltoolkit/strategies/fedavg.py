@@ -15,7 +15,7 @@ from fltoolkit.strategies.base import (
     apply_rows,
     check_updates,
     weighted_dense_mean,
-    weighted_row_mean,
+    weighted_row_means,
 )
 from fltoolkit.training.updates import ClientUpdate
 
@@ -60,11 +60,7 @@ class FedAvg(Strategy):
         weights = self.client_weights(updates)
         dense = weighted_dense_mean(updates, weights)
         touched_only = self.sparse_weighting == "touched"
-        rows = {}
-        for table in server.tables:
-            average = weighted_row_mean(updates, weights, table, touched_only)
-            if average is not None:
-                rows[table] = average
+        rows = weighted_row_means(updates, weights, server.tables, touched_only)
         return dense, rows
 
     def aggregate(self, updates: list[ClientUpdate], server: ServerModel) -> None:

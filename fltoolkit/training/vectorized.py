@@ -319,10 +319,15 @@ class _FlatRows:
         self.offsets = torch.tensor([0, *np.cumsum(sizes)[:-1].tolist()], dtype=torch.int64)
         self.columns = [part.columns[0] for part in tables.values()]
         self.cohort = cohort
+        self.last: tuple[Bucket | None, Tensor] = (None, self.offsets)
 
     def ids(self, bucket: Bucket) -> Tensor:
-        """[n, W, F] the rows of `flat` that the bucket's batches look up."""
-        return self.cohort.sparse[bucket.rows][..., self.columns] + self.offsets
+        """[n, W, F] the rows of `flat` that the bucket's batches look up (kept for the
+        bucket's gradients, which follow its gather)."""
+        if self.last[0] is not bucket:
+            self.last = (bucket, self.cohort.sparse[bucket.rows][..., self.columns]
+                         + self.offsets)
+        return self.last[1]
 
     def gather(self, bucket: Bucket) -> Tensor:
         """[n, W, F, E] the bucket's embeddings."""
