@@ -199,22 +199,23 @@ class CohortTrainer:
         dense_rows = list(range(len(cohort.clients))) if dense_rows is None else dense_rows
         deltas = {name: work[name] - start[name] for name in work}
         finite = _finite_per_client(cohort, dense_deltas, deltas, losses, dense_rows)
-        local = {name for name in work if self._is_local(name)}
-        segments = {}  # table -> per client (its ids, its deltas or, if local, its new rows)
+        segments = {}  # table -> per client its SparseRows (deltas; a local table's new rows)
         for name, delta in deltas.items():
             sizes = np.diff(cohort.segments[name]).tolist()
-            values = work[name] if name in local else delta
-            segments[name] = list(zip(cohort.row_ids[name].split(sizes), values.split(sizes),
-                                      strict=True))
+            values = work[name] if self._is_local(name) else delta
+            segments[name] = list(map(SparseRows, cohort.row_ids[name].split(sizes),
+                                      values.split(sizes)))
+        uploaded = [name for name in segments if not self._is_local(name)]
+        local = [name for name in segments if self._is_local(name)]
+        dense = dense_deltas.unbind()
         updates = []
         for slot, client in enumerate(cohort.clients):
-            rows = {name: SparseRows(*parts[slot]) for name, parts in segments.items()}
-            tables = {name: value for name, value in rows.items() if name not in local}
-            local_rows = {name: value for name, value in rows.items() if name in local}
-            self.pending[client] = ClientState(local_rows, optimizer_kept[slot])
+            self.pending[client] = ClientState({name: segments[name][slot] for name in local},
+                                               optimizer_kept[slot])
             updates.append(ClientUpdate(
                 client=client, num_samples=cohort.num_samples[slot], loss=losses[slot],
-                dense=dense_deltas[dense_rows[slot]], tables=tables,
+                dense=dense[dense_rows[slot]],
+                tables={name: segments[name][slot] for name in uploaded},
                 download_bytes=int(cohort.bytes_moved[slot]),
                 samples_trained=cohort.samples_trained[slot],
                 loss_squared_sum=squares[slot], finite=finite[slot]))

@@ -256,7 +256,7 @@ class VectorizedTrainer(CohortTrainer):
             dense = torch.zeros(*dense.shape[:-1], 1)
         embedded = rows.gather(bucket).requires_grad_()
         leaves = {name: value.detach().requires_grad_() for name, value in weights.items()}
-        losses, samples = vmap(partial(functional_call, self.network))(
+        losses, samples = vmap(partial(functional_call, self.network, tie_weights=False))(
             leaves, (embedded, dense, label, bucket.mask))
         gradients = torch.autograd.grad(losses.sum(), [*leaves.values(), embedded])
         return dict(zip(leaves, gradients[:-1], strict=True)), gradients[-1], \
