@@ -7,9 +7,10 @@
   (c) per-client time with 1M-row tables / with 10k-row tables (target <= 1.2);
   (d) peak RSS growth during a round of 1000 clients with 1M-row tables (the updates only);
   (e) client updates per second of the vectorized trainer / the sequential one at 20 and 200
-      clients per round, whole rounds, with torch's default threads (targets 4x and 8x),
-      and the milliseconds of each step of a vectorized round.
-(a)-(d) run on one thread.
+      clients per round, whole rounds (targets 4x and 8x), and the milliseconds of each step
+      of a vectorized round; then the vectorized trainer on all cores (`--num_threads`)
+      against the sequential one on one.
+Everything else runs on one thread, as `fltk fit` does by default.
 
 Usage: python benchmarks/round_overhead.py [--rows 200000] [--repeats 5]
 Prints the figures and JSON on the last line.
@@ -173,15 +174,16 @@ def main() -> None:
         del dm, module, loop
 
     small, large = results[10_000], results[1_000_000]
-    torch.set_num_threads(threads)  # (e) as `fltk fit` runs, both trainers alike
     speedups, vectorized_steps = {}, {}
-    for clients in (20, 200):
+    for clients in (20, 200):  # (e) on one thread, as `fltk fit` runs by default
         sequential, _ = _updates_per_second(args.rows, clients, False, args.repeats)
         together, vectorized_steps[clients] = _updates_per_second(args.rows, clients, True,
                                                                   args.repeats)
+        torch.set_num_threads(threads)  # `--num_threads` = all cores, vectorized only
+        all_cores, _ = _updates_per_second(args.rows, clients, True, args.repeats)
+        torch.set_num_threads(1)
         speedups[clients] = (round(together / sequential, 2), round(together, 1),
-                             round(sequential, 1))
-    torch.set_num_threads(1)
+                             round(sequential, 1), round(all_cores / sequential, 2))
     dm, module, loop = _setup(args.rows, 1_000_000, 1000)
     _time_round(loop, 1)  # lazily created optimizer state is not the round's growth
     before = reset_peak_rss_mb()
@@ -202,7 +204,9 @@ def main() -> None:
         "sequential_updates_per_s_20_200_clients": [speedups[20][2], speedups[200][2]],
         "vectorized_round_step_ms_20_clients": vectorized_steps[20],
         "vectorized_round_step_ms_200_clients": vectorized_steps[200],
-        "e_threads": threads,
+        "e_vectorized_all_cores_over_sequential_20_200_clients": [speedups[20][3],
+                                                                  speedups[200][3]],
+        "cores": threads,
         "clients_per_round": 100,
         "local_steps_per_round": small["steps"],
     }
