@@ -335,9 +335,9 @@ def _plan_of(chunk_clients: int, min_saved: int) -> StepPlan:
 
 
 def _described(plan: StepPlan) -> list:
-    return [((stepping.start, stepping.stop),
-             [((b.clients.start, b.clients.stop), b.rows.tolist(), b.mask.sum(1).tolist())
-              for b in buckets]) for stepping, buckets in plan.steps]
+    """Per step, its buckets: (their positions, their rows, their real rows per client)."""
+    return [[((b.clients.start, b.clients.stop), b.rows.tolist(), b.mask.sum(1).tolist())
+             for b in buckets] for buckets in plan.steps]
 
 
 def test_a_step_plan_puts_the_longest_clients_first_and_pads_by_bucket():
@@ -345,17 +345,17 @@ def test_a_step_plan_puts_the_longest_clients_first_and_pads_by_bucket():
     assert plan.order.tolist() == [2, 0, 1, 3] and plan.position.tolist() == [1, 2, 0, 3]
     assert plan.step_counts.tolist() == [3, 2, 1, 1]
     assert _described(plan) == [
-        ((0, 4), [((0, 4), [[8, 9, 10, 11], [0, 1, 2, 3], [5, 6, 7, 0], [18, 0, 0, 0]],
-                   [4, 4, 3, 1])]),
-        ((0, 2), [((0, 2), [[12, 13, 14, 15], [4, 0, 0, 0]], [4, 1])]),
-        ((0, 1), [((0, 1), [[16, 17]], [2])])]
+        [((0, 4), [[8, 9, 10, 11], [0, 1, 2, 3], [5, 6, 7, 0], [18, 0, 0, 0]], [4, 4, 3, 1])],
+        [((0, 2), [[12, 13, 14, 15], [4, 0, 0, 0]], [4, 1])],
+        [((0, 1), [[16, 17]], [2])]]
     # padding the last client to 4 wastes 3 rows: worth a bucket of its own at min_saved 3
     split = _described(_plan_of(chunk_clients=4, min_saved=3))[0]
-    assert split == ((0, 4), [((0, 3), [[8, 9, 10, 11], [0, 1, 2, 3], [5, 6, 7, 0]], [4, 4, 3]),
-                              ((3, 4), [[18]], [1])])
+    assert split == [((0, 3), [[8, 9, 10, 11], [0, 1, 2, 3], [5, 6, 7, 0]], [4, 4, 3]),
+                     ((3, 4), [[18]], [1])]
     chunked = _described(_plan_of(chunk_clients=2, min_saved=10**6))
-    assert [stepping for stepping, _ in chunked] == [(0, 2), (0, 2), (0, 1), (2, 4)]
-    assert chunked[3][1] == [((2, 4), [[5, 6, 7], [18, 0, 0]], [3, 1])]
+    assert [[clients for clients, _, _ in buckets] for buckets in chunked] == [
+        [(0, 2)], [(0, 2)], [(0, 1)], [(2, 4)]]
+    assert chunked[3] == [((2, 4), [[5, 6, 7], [18, 0, 0]], [3, 1])]
 
 
 def test_chunks_of_one_client_give_the_updates_of_one_chunk(synthetic_data):

@@ -48,8 +48,7 @@ class StepPlan:
         clients: C.
         order: [C] the slot at each position; position: [C] the position of each slot.
         step_counts: [C] local steps of the client at each position (float64).
-        steps: per chunk and local step k, (the positions that have a k-th step, their
-            buckets).
+        steps: per chunk and local step k, the buckets of the clients that have a k-th step.
     """
 
     def __init__(self, cohort: Cohort, chunk_clients: int,
@@ -66,14 +65,14 @@ class StepPlan:
         widths = np.fromiter((b.stop - b.start for steps in batches for b in steps),
                              dtype=np.int64)
         first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        self.steps: list[tuple[slice, list[Bucket]]] = []
+        self.steps: list[list[Bucket]] = []
         for lo in range(0, self.clients, chunk_clients):
             hi = min(lo + chunk_clients, self.clients)
             for k in range(int(counts[lo])):
                 stop = lo + int((counts[lo:hi] > k).sum())
                 entries = first[lo:stop] + k
-                self.steps.append((slice(lo, stop), _buckets(
-                    starts[entries], widths[entries], lo, min_padding_saved)))
+                self.steps.append(_buckets(starts[entries], widths[entries], lo,
+                                           min_padding_saved))
 
 
 def _buckets(starts: np.ndarray, widths: np.ndarray, first: int, min_saved: int

@@ -7,7 +7,9 @@ weights (stacked [C, ...]) through `torch.func` (`functional_call` under `vmap`)
 embedding rows of all clients are gathered at once from the cohort's compact buffers (whose
 segments are disjoint, so one buffer serves every client), and one backward gives every
 client its own gradients. Step k computes for the clients that have a k-th batch only
-(shorter batches padded and masked), so a client whose steps are over stays as it was.
+(shorter batches padded and masked), so a client whose steps are over stays as it was; the
+clients of a step run in buckets of similar batch widths, and large cohorts in chunks that
+fit `federated.vectorize_memory_mb` (step_plan.py).
 
 Each client's local optimizers step its rows of the stacked weights and of the buffers, with
 their state stacked the same way (stacked_optimizers.py: torch.optim's math, including what
@@ -150,7 +152,7 @@ class VectorizedTrainer(CohortTrainer):
         owners = ({name: plan.position[cohort.row_owners(name)] for name in work}
                   if self.proximal_mu or self.rules.tables.linear_rate() is None else {})
         optimizers = self._local_optimizers(cohort, plan, weights, work, owners)
-        for _, buckets in plan.steps:
+        for buckets in plan.steps:
             for bucket in buckets:
                 mine = {name: value[bucket.clients] for name, value in weights.items()}
                 weight_gradients, row_gradients, step_losses, samples = self._step(
