@@ -126,6 +126,8 @@ class FederatedLoop:
         self.eval_batch_size = eval_batch_size
         self.ranks = ranks or Ranks()
         self.hooks = hooks or LoopHooks()
+        if sharded_tables is None:  # sharded tables stay where TorchRec placed them
+            module.to(config.device)
         self.parts = split_parameters(module, data.features.sparse)
         num_clients = data.train.num_clients
         config.check_clients(num_clients)

@@ -75,5 +75,5 @@ class SingleIdFeatures(nn.Module):
         self.keys = list(keys)
 
     def forward(self, ids: torch.Tensor) -> KeyedJaggedTensor:
-        lengths = torch.ones(ids.numel(), dtype=torch.int32)
+        lengths = torch.ones(ids.numel(), dtype=torch.int32, device=ids.device)
         return KeyedJaggedTensor(keys=self.keys, values=ids.t().reshape(-1), lengths=lengths)

@@ -391,3 +391,48 @@ def test_auto_falls_back_with_one_line_naming_why(synthetic_data, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "clients train one after another (federated.vectorize auto): "
         "OwnStep overrides CTRModule.training_step"]
+
+
+@pytest.mark.parametrize("vectorize, optimizers", [(True, SGD), (False, SGD),
+                                                    (True, ADAM_ADAGRAD)],
+                         ids=["vectorized", "sequential", "vectorized-adam-adagrad-kept"])
+def test_training_and_aggregation_make_their_tensors_on_the_module_device(
+        synthetic_data, monkeypatch, vectorize, optimizers):
+    """No GPU here, so: with torch's default device set to `meta`, a tensor that local
+    training or aggregation makes without naming a device lands on meta, and its first use
+    beside the module's tensors fails. The round must run and train exactly as it does with
+    the default device (`federated.device cuda` relies on this; the cohort is planned on the
+    host and moved once)."""
+    import fltoolkit.loop as loop_module
+    from tests.test_federated import _loop
+
+    def on_meta(step):
+        def run(*args, **kwargs):
+            with torch.device("meta"):
+                return step(*args, **kwargs)
+        return run
+
+    settings = {"rounds": 2, "vectorize": vectorize, "proximal_mu": 0.1,
+                "reject_norm_ratio": 3.0, "optimizers": optimizers,
+                "keep_optimizer_state": optimizers is ADAM_ADAGRAD}
+    plain = _loop(synthetic_data, **settings)
+    loop = _loop(synthetic_data, **settings)
+    loop.trainer.train_round = on_meta(loop.trainer.train_round)
+    monkeypatch.setattr(loop_module, "aggregate_or_roll_back",
+                        on_meta(loop_module.aggregate_or_roll_back))
+    for round_index in (1, 2):  # the second starts from the state the first kept
+        plain.run_round(round_index)
+        loop.run_round(round_index)
+    expected = plain.module.state_dict()
+    for name, value in loop.module.state_dict().items():
+        assert value.device.type == "cpu" and torch.equal(value, expected[name]), name
+
+
+def test_the_device_is_checked_where_it_is_named():
+    with pytest.raises(ValueError, match="federated.device: 'gpu' is not a torch device"):
+        FederatedConfig(device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="federated.device cuda: CUDA is not available"):
+            FederatedConfig(device="cuda")
+    with pytest.raises(ValueError, match="local tables and sharded tables run on cpu only"):
+        FederatedConfig(device="meta", local_tables=["user"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from fltoolkit.gate.faults import Faults
 from fltoolkit.selection import ClientSelector, UniformSelector
 from fltoolkit.strategies import FedAvg, Strategy
@@ -62,6 +64,8 @@ class FederatedConfig:
             saying why) or `false` (one after another, the sequential trainer).
         vectorize_memory_mb: working memory of the clients that step together: a round of
             more clients than fit trains in chunks of that many, one after another.
+        device: where the module, local training and aggregation run (`cuda` where CUDA
+            exists); the data stays in host memory and a round's cohort moves once.
         sharding: how the server's embedding tables are split across torchrun ranks with
             TorchRec (`table_wise`: each table on one rank; `column_wise`: every table's
             columns split across the ranks); `none` keeps whole tables on every rank.
@@ -86,6 +90,7 @@ class FederatedConfig:
     sharding: Literal["none", "table_wise", "column_wise"] = "none"
     vectorize: bool | Literal["auto"] = "auto"
     vectorize_memory_mb: float = 512
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for key in ("rounds", "clients_per_round", "batch_size", "eval_interval",
@@ -101,6 +106,7 @@ class FederatedConfig:
                              f"{self.vectorize_memory_mb}")
         if self.proximal_mu < 0:
             raise ValueError(f"federated.proximal_mu must be >= 0, got {self.proximal_mu}")
+        self._check_device()
         ratio = self.reject_norm_ratio
         if ratio is not None and ratio <= 1:
             raise ValueError(f"federated.reject_norm_ratio must be > 1, got {ratio}")
@@ -108,6 +114,19 @@ class FederatedConfig:
         self.selector = self.selector or UniformSelector()
         self.local_tables = self.local_tables or []
         self.faults = self.faults or Faults()
+
+    def _check_device(self) -> None:
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"federated.device: {self.device!r} is not a torch device "
+                             "(cpu, cuda, cuda:1)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"federated.device {self.device}: CUDA is not available on this "
+                             "machine (torch.cuda.is_available() is false); use cpu")
+        if device.type != "cpu" and (self.local_tables or self.sharding != "none"):
+            raise ValueError(f"federated.device {self.device}: local tables and sharded tables "
+                             "run on cpu only so far")
 
     def schedule(self) -> LocalSchedule:
         """How much each client trains per round."""
@@ -140,5 +159,8 @@ def check_run(federated: FederatedConfig, resume: str | None, distributed: bool)
     if federated.sharding != "none" and not distributed:
         raise ConfigError(f"federated.sharding={federated.sharding} splits the tables across "
                           "ranks: launch with torchrun --nproc_per_node N (N >= 2)")
+    if distributed and torch.device(federated.device).type != "cpu":
+        raise ConfigError(f"federated.device {federated.device}: torchrun ranks run on cpu "
+                          "only so far")
     if resume and not federated.enabled:
         raise ConfigError("--resume continues federated runs; this experiment is centralized")

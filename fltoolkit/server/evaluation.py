@@ -45,7 +45,9 @@ def predict_logits(module: torch.nn.Module, table: ClientTable, batch_size: int,
     dense = table.dense
     if rows is not None:
         dense, sparse = dense[rows], sparse[rows]
-    outputs = [module(dense[start:start + batch_size], sparse[start:start + batch_size])
+    device = next(module.parameters()).device  # batches go there; logits come back
+    outputs = [module(dense[start:start + batch_size].to(device),
+                      sparse[start:start + batch_size].to(device)).cpu()
                for start in range(0, dense.shape[0], batch_size)]
     return torch.cat(outputs) if outputs else torch.zeros(0)
 

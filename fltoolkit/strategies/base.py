@@ -71,13 +71,15 @@ def weighted_row_means(updates: list[ClientUpdate], weights: Tensor, tables: dic
     means = {}
     for names in by_width.values():
         sizes = [tables[name].shape[0] for name in names]
-        offsets = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
+        device = tables[names[0]].device
+        offsets = torch.tensor([0, *sizes], dtype=torch.int64, device=device).cumsum(0)
         pieces = [(k, i, u.tables[name]) for k, u in enumerate(updates)
                   for i, name in enumerate(names) if name in u.tables]
         if not pieces:
             continue
-        counts = torch.tensor([rows.ids.shape[0] for _, _, rows in pieces])
-        table = torch.repeat_interleave(torch.tensor([i for _, i, _ in pieces]), counts)
+        counts = torch.tensor([rows.ids.shape[0] for _, _, rows in pieces], device=device)
+        table = torch.repeat_interleave(torch.tensor([i for _, i, _ in pieces], device=device),
+                                        counts)
         ids = torch.cat([rows.ids for _, _, rows in pieces])
         if len(ids) and bool(((ids < 0) | (ids >= offsets[table + 1] - offsets[table])).any()):
             raise AggregationError(f"row ids outside the tables {names} in an update")
@@ -85,10 +87,10 @@ def weighted_row_means(updates: list[ClientUpdate], weights: Tensor, tables: dic
         values = torch.cat([rows.values for _, _, rows in pieces])
         row_weight = torch.repeat_interleave(weights[[k for k, _, _ in pieces]], counts)
         unique, inverse = torch.unique(keys, return_inverse=True)
-        total = torch.zeros(unique.numel(), values.shape[1], dtype=values.dtype)
+        total = values.new_zeros(unique.numel(), values.shape[1])
         total.index_add_(0, inverse, values * row_weight[:, None])
         if touched_only:
-            denominator = torch.zeros(unique.numel(), dtype=values.dtype)
+            denominator = values.new_zeros(unique.numel())
             denominator.index_add_(0, inverse, row_weight)
         else:
             denominator = weights.sum().expand(unique.numel())

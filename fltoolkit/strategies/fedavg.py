@@ -49,9 +49,10 @@ class FedAvg(Strategy):
                 "weighted": self.weighted}
 
     def client_weights(self, updates: list[ClientUpdate]) -> Tensor:
+        device = updates[0].dense.device
         if self.weighted:
-            return torch.tensor([float(u.num_samples) for u in updates])
-        return torch.ones(len(updates))
+            return torch.tensor([float(u.num_samples) for u in updates], device=device)
+        return torch.ones(len(updates), device=device)
 
     def average(self, updates: list[ClientUpdate], server: ServerModel
                 ) -> tuple[Tensor, dict[str, RowAverage]]:

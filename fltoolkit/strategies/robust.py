@@ -69,8 +69,8 @@ class CoordinateWise(Strategy):
     def aggregate(self, updates: list[ClientUpdate], server: ServerModel) -> None:
         check_updates(updates, server)
         dense = torch.msort(torch.stack([u.dense for u in updates]))
-        server.dense.add_(self.statistic(dense, torch.tensor([len(updates)]))[0],
-                          alpha=self.server_lr)
+        everyone = torch.tensor([len(updates)], device=dense.device)
+        server.dense.add_(self.statistic(dense, everyone)[0], alpha=self.server_lr)
         for table, embedding in server.tables.items():
             parts = [u.tables[table] for u in updates if table in u.tables]
             if not any(rows.ids.numel() for rows in parts):
@@ -125,8 +125,9 @@ class TrimmedMean(CoordinateWise):
     def statistic(self, values: Tensor, counts: Tensor) -> Tensor:
         trim = torch.minimum((counts.double() * self.beta).ceil().long(), (counts - 1) // 2)
         group = torch.repeat_interleave(counts)
-        position = torch.arange(group.numel()) - (counts.cumsum(0) - counts)[group]
+        position = (torch.arange(group.numel(), device=group.device)
+                    - (counts.cumsum(0) - counts)[group])
         keep = (position >= trim[group]) & (position < (counts - trim)[group])
-        total = torch.zeros(counts.numel(), values.shape[1], dtype=values.dtype)
+        total = values.new_zeros(counts.numel(), values.shape[1])
         total.index_add_(0, group[keep], values[keep])
         return total / (counts - 2 * trim)[:, None]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 
 import numpy as np
@@ -90,8 +90,17 @@ class Cohort:
 
     def row_owners(self, table: str) -> Tensor:
         """[U] the slot of the client whose segment holds each row of the table's buffer."""
-        sizes = torch.tensor(np.diff(self.segments[table]), dtype=torch.int64)
-        return torch.repeat_interleave(torch.arange(len(self.clients)), sizes)
+        device = self.sparse.device
+        sizes = torch.tensor(np.diff(self.segments[table]), dtype=torch.int64, device=device)
+        return torch.repeat_interleave(torch.arange(len(self.clients), device=device), sizes)
+
+    def to(self, device: torch.device) -> Cohort:
+        """This cohort with its tensors on `device` (one transfer per round)."""
+        if self.sparse.device == device:
+            return self
+        return replace(self, dense=self.dense.to(device), sparse=self.sparse.to(device),
+                       label=self.label.to(device),
+                       row_ids={name: ids.to(device) for name, ids in self.row_ids.items()})
 
     def subset(self, slots: Sequence[int]) -> Cohort:
         """The plan of the clients at `slots` only, exactly as planning them alone gives it

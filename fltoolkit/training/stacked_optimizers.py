@@ -95,7 +95,7 @@ class Rule:
 
     def stored_step(self, count: float) -> Any:
         """The step count as torch stores it (a float tensor; SparseAdam: an int)."""
-        return torch.tensor(count, dtype=_scalar_dtype())
+        return torch.tensor(count, dtype=_scalar_dtype(), device="cpu")  # as torch.optim
 
     def dense_blocker(self) -> str | None:
         return None
@@ -285,8 +285,9 @@ class StackedState:
         self.rule, self.owners = rule, owners
         self.state = {name: {key: torch.full_like(value, rule.initial) for key in rule.keys}
                       for name, value in tensors.items()}
-        self.steps = torch.zeros(clients, dtype=torch.float64)
-        self.fresh = torch.ones(clients, dtype=torch.bool)
+        device = next(iter(tensors.values())).device if tensors else None
+        self.steps = torch.zeros(clients, dtype=torch.float64, device=device)
+        self.fresh = torch.ones(clients, dtype=torch.bool, device=device)
 
     def step(self, active: Tensor, tensors: dict[str, Tensor], gradients: dict[str, Pieces],
              coalesced: bool = False) -> None:
@@ -313,7 +314,7 @@ class StackedState:
         indices = torch.cat([rows for rows, _ in pieces])
         values = torch.cat([grad for _, grad in pieces])
         if self.rule.moves_untouched_rows:  # every row of the stepping clients
-            stepping = torch.zeros(len(self.steps), dtype=torch.bool)
+            stepping = torch.zeros(len(self.steps), dtype=torch.bool, device=self.steps.device)
             stepping[active] = True
             rows = torch.nonzero(stepping[self.owners[name]]).reshape(-1)
             position = torch.searchsorted(rows, indices)
@@ -438,7 +439,7 @@ class LocalOptimizers:
     def __init__(self, rules: LocalRules, weights: dict[str, Tensor],
                  tables: dict[str, Tensor], owners: dict[str, Tensor], clients: int) -> None:
         self.rules = rules
-        slots = torch.arange(clients)
+        slots = torch.arange(clients, device=next(iter(weights.values())).device)
         self.dense = StackedState(rules.dense, weights, {name: slots for name in weights},
                                   clients)
         self.tables = StackedState(rules.tables, tables, owners, clients)

@@ -52,14 +52,15 @@ class StepPlan:
     """
 
     def __init__(self, cohort: Cohort, chunk_clients: int,
-                 min_padding_saved: int = MIN_PADDING_SAVED) -> None:
+                 min_padding_saved: int = MIN_PADDING_SAVED,
+                 device: torch.device | str = "cpu") -> None:
         counts = np.array([len(steps) for steps in cohort.steps], dtype=np.int64)
         order = np.lexsort((-np.asarray(cohort.samples_trained), -counts))
         self.clients = len(order)
-        self.order = torch.from_numpy(order)
-        self.position = torch.from_numpy(np.argsort(order))
+        self.order = torch.from_numpy(order).to(device)
+        self.position = torch.from_numpy(np.argsort(order)).to(device)
         counts = counts[order]
-        self.step_counts = torch.from_numpy(counts).double()
+        self.step_counts = torch.from_numpy(counts).to(device, torch.float64)
         batches = [cohort.steps[slot] for slot in order.tolist()]
         starts = np.fromiter((b.start for steps in batches for b in steps), dtype=np.int64)
         widths = np.fromiter((b.stop - b.start for steps in batches for b in steps),
@@ -72,11 +73,11 @@ class StepPlan:
                 stop = lo + int((counts[lo:hi] > k).sum())
                 entries = first[lo:stop] + k
                 self.steps.append(_buckets(starts[entries], widths[entries], lo,
-                                           min_padding_saved))
+                                           min_padding_saved, device))
 
 
-def _buckets(starts: np.ndarray, widths: np.ndarray, first: int, min_saved: int
-             ) -> list[Bucket]:
+def _buckets(starts: np.ndarray, widths: np.ndarray, first: int, min_saved: int,
+             device: torch.device | str) -> list[Bucket]:
     """Contiguous ranges of the step's clients (at positions `first`, ...), each padded to
     its own widest batch: a range ends where the widest batch of all later clients is at
     most half as wide, if that saves at least `min_saved` padded rows."""
@@ -91,8 +92,9 @@ def _buckets(starts: np.ndarray, widths: np.ndarray, first: int, min_saved: int
     bounds.append(len(widths))
     buckets = []
     for lo, hi in zip(bounds, bounds[1:], strict=False):
-        offsets = torch.arange(int(widest_after[lo]))
-        mask = offsets < torch.from_numpy(widths[lo:hi])[:, None]
-        rows = torch.where(mask, torch.from_numpy(starts[lo:hi])[:, None] + offsets, 0)
+        offsets = torch.arange(int(widest_after[lo]), device=device)
+        mask = offsets < torch.from_numpy(widths[lo:hi]).to(device)[:, None]
+        rows = torch.where(mask, torch.from_numpy(starts[lo:hi]).to(device)[:, None] + offsets,
+                           0)
         buckets.append(Bucket(slice(first + lo, first + hi), rows, mask))
     return buckets

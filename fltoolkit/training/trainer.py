@@ -67,6 +67,7 @@ class CohortTrainer:
         self.local_tables = local_tables
         self.optimizer_states = optimizer_states
         self.dense_size = sum(p.numel() for p in parts.dense)
+        self.device = next(module.parameters()).device
         self.pending: dict[int, ClientState] = {}
 
     def train_round(self, cohort: Cohort) -> list[ClientUpdate]:
@@ -76,10 +77,10 @@ class CohortTrainer:
         rows of sharded tables is collective."""
         self.pending = {}
         if not cohort.clients:
-            empty = torch.empty(0, dtype=torch.int64)
+            empty = torch.empty(0, dtype=torch.int64, device=self.device)
             self.server_tables.fetch({name: empty for name in self.server_tables.names})
             return []
-        return self._train_clients(cohort)
+        return self._train_clients(cohort.to(self.device))
 
     def _train_clients(self, cohort: Cohort) -> list[ClientUpdate]:
         """One client after another (VectorizedTrainer steps them together)."""
@@ -88,7 +89,8 @@ class CohortTrainer:
         start = self._start_rows(cohort)
         work = {name: rows.clone() for name, rows in start.items()}
         work_dense = global_dense.clone()
-        dense_deltas = torch.empty(len(cohort.clients), global_dense.numel())
+        dense_deltas = torch.empty(len(cohort.clients), global_dense.numel(),
+                                   device=self.device)
         losses, squares, optimizer_kept = [], [], []
         try:
             for name, part in self.parts.tables.items():
@@ -184,8 +186,8 @@ class CohortTrainer:
             rows = cohort.rows(name, slot)
             weight = part.weight
             pull = mu * (weight.detach()[rows] - start[name][rows])
-            positions = torch.arange(rows.start, rows.stop)[None]
-            sparse = torch.sparse_coo_tensor(positions, pull, weight.shape)
+            positions = torch.arange(rows.start, rows.stop, device=self.device)[None]
+            sparse = torch.sparse_coo_tensor(positions, pull, weight.shape, device=weight.device)
             weight.grad = sparse if weight.grad is None else weight.grad + sparse
 
     def _updates(self, cohort: Cohort, start: dict[str, Tensor], work: dict[str, Tensor],
@@ -232,10 +234,11 @@ def _finite_per_client(cohort: Cohort, dense_deltas: Tensor, deltas: dict[str, T
     dense_finite = torch.isfinite(dense_deltas.sum(dim=1))
     if dense_rows is not None:
         dense_finite = dense_finite[dense_rows]
-    finite = dense_finite & torch.isfinite(torch.tensor(losses))
+    finite = dense_finite & torch.isfinite(torch.tensor(losses, device=dense_finite.device))
     for name, delta in deltas.items():
         bad_rows = (~torch.isfinite(delta.sum(dim=1))).to(torch.int64)
-        finite &= torch.zeros(len(cohort.clients), dtype=torch.int64).index_add_(
+        finite &= torch.zeros(len(cohort.clients), dtype=torch.int64,
+                              device=delta.device).index_add_(
             0, cohort.row_owners(name), bad_rows) == 0
     return finite.tolist()
 

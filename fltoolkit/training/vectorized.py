@@ -139,7 +139,7 @@ class VectorizedTrainer(CohortTrainer):
 
     def _train_clients(self, cohort: Cohort) -> list[ClientUpdate]:
         widest = max(step.stop - step.start for steps in cohort.steps for step in steps)
-        plan = StepPlan(cohort, self.chunk_clients(widest))
+        plan = StepPlan(cohort, self.chunk_clients(widest), device=self.device)
         start = self._start_rows(cohort)
         rows = _FlatRows(start, cohort, self.parts.tables)
         work = rows.tables
@@ -147,8 +147,8 @@ class VectorizedTrainer(CohortTrainer):
         global_weights = {name: param.detach() for name, param in self._arch_parameters().items()}
         stacked = global_dense.expand(plan.clients, -1).clone()  # row p: client at position p
         weights = self._views(stacked)
-        losses = torch.zeros(plan.clients, dtype=torch.float64)
-        square_sums = torch.zeros(plan.clients, dtype=torch.float64)
+        losses = torch.zeros(plan.clients, dtype=torch.float64, device=self.device)
+        square_sums = torch.zeros(plan.clients, dtype=torch.float64, device=self.device)
         owners = ({name: plan.position[cohort.row_owners(name)] for name in work}
                   if self.proximal_mu or self.rules.tables.linear_rate() is None else {})
         optimizers = self._local_optimizers(cohort, plan, weights, work, owners)
@@ -182,7 +182,7 @@ class VectorizedTrainer(CohortTrainer):
             for name, value in mine.items():
                 value.add_(gradients[name], alpha=rate)
             return
-        positions = torch.arange(bucket.clients.start, bucket.clients.stop)
+        positions = torch.arange(bucket.clients.start, bucket.clients.stop, device=self.device)
         optimizers.dense.step(positions, weights, {name: [(positions, gradient)] for
                                                    name, gradient in gradients.items()},
                               coalesced=True)
@@ -198,7 +198,7 @@ class VectorizedTrainer(CohortTrainer):
             for name, (table_rows, pull) in pulls.items():
                 rows.tables[name].index_add_(0, table_rows, pull, alpha=rate)
             return
-        positions = torch.arange(bucket.clients.start, bucket.clients.stop)
+        positions = torch.arange(bucket.clients.start, bucket.clients.stop, device=self.device)
         optimizers.tables.step(positions, rows.tables, rows.pieces(bucket, gradients, pulls))
 
     def _local_optimizers(self, cohort: Cohort, plan: StepPlan, weights: dict[str, Tensor],
@@ -255,7 +255,7 @@ class VectorizedTrainer(CohortTrainer):
         only (cheaper than vmapping a grad transform)."""
         dense, label = cohort.dense[bucket.rows], cohort.label[bucket.rows]
         if dense.shape[-1] == 0:  # DLRM's dense arch needs one input; feed a constant
-            dense = torch.zeros(*dense.shape[:-1], 1)
+            dense = torch.zeros(*dense.shape[:-1], 1, device=dense.device)
         embedded = rows.gather(bucket).requires_grad_()
         leaves = {name: value.detach().requires_grad_() for name, value in weights.items()}
         losses, samples = vmap(partial(functional_call, self.network, tie_weights=False))(
@@ -318,7 +318,8 @@ class _FlatRows:
         self.flat = torch.cat([start[name] for name in tables])
         sizes = [start[name].shape[0] for name in tables]
         self.tables = dict(zip(tables, self.flat.split(sizes), strict=True))
-        self.offsets = torch.tensor([0, *np.cumsum(sizes)[:-1].tolist()], dtype=torch.int64)
+        self.offsets = torch.tensor([0, *np.cumsum(sizes)[:-1].tolist()], dtype=torch.int64,
+                                    device=self.flat.device)
         self.columns = [part.columns[0] for part in tables.values()]
         self.cohort = cohort
         self.last: tuple[Bucket | None, Tensor] = (None, self.offsets)
