@@ -14,7 +14,8 @@ from torch import Tensor
 
 from fltoolkit.training.cohort import Cohort
 
-MIN_PADDING_SAVED = 256  # padded rows a further bucket must save (a bucket costs ~1 ms)
+MIN_PADDING_SAVED = 128  # padded rows a further bucket must save: 128 ran 20- and 200-client
+# rounds fastest on one thread among 32 to 512 (256: 13% slower at 20 clients; none: 50% at 200)
 
 
 @dataclass(frozen=True)
