@@ -188,3 +188,33 @@ def test_row_means_of_several_tables_at_once_by_hand():
         "a": SparseRows(torch.tensor([3]), torch.tensor([[1.0]]))})  # row 0 of "b" if offset
     with pytest.raises(AggregationError, match="row ids outside"):
         weighted_row_means([beyond], torch.tensor([1.0]), tables)
+
+
+def test_row_means_over_the_round_layout_equal_those_over_plain_updates(synthetic_data):
+    """The trainer's updates read one whole-round layout (ClientRows over RoundRows), which
+    FedAvg reduces in a few ops per table: the same means, bit for bit, as over the same
+    updates as plain dicts, for the whole round and for a subset (rejected clients)."""
+    from dataclasses import replace
+
+    from fltoolkit.strategies.base import weighted_row_means
+    from fltoolkit.training.updates import ClientRows, shared_round, table_ids
+    from tests.test_federated import _loop
+
+    loop = _loop(synthetic_data, rounds=1)
+    cohort = loop.planner.plan_round(1, loop.selector.select(1, 20).tolist())
+    updates = loop.trainer.train_round(cohort)
+    assert all(isinstance(u.tables, ClientRows) for u in updates)
+    tables = {name: part.weight for name, part in loop.parts.tables.items()}
+    for chosen in (updates, updates[1::3]):
+        assert shared_round(chosen) is not None
+        plain = [replace(u, tables=dict(u.tables.items())) for u in chosen]
+        assert shared_round(plain) is None
+        weights = torch.rand(len(chosen))
+        fast = weighted_row_means(chosen, weights, tables)
+        slow = weighted_row_means(plain, weights, tables)
+        assert fast.keys() == slow.keys()
+        for name, mean in slow.items():
+            assert torch.equal(fast[name].ids, mean.ids)
+            assert torch.equal(fast[name].mean, mean.mean)
+            assert torch.equal(table_ids(chosen, name), table_ids(plain, name))
+        assert [u.upload_bytes() for u in chosen] == [u.upload_bytes() for u in plain]

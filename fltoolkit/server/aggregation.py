@@ -9,7 +9,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from fltoolkit.run.ranks import Ranks
 from fltoolkit.server.tables import ServerTables
 from fltoolkit.strategies.base import ServerModel, Strategy
-from fltoolkit.training.updates import ClientUpdate
+from fltoolkit.training.updates import ClientUpdate, table_ids
 
 
 @torch.no_grad()
@@ -23,9 +23,8 @@ def aggregate_or_roll_back(strategy: Strategy, updates: list[ClientUpdate],
     """
     tables = server_tables.owned()
     updates = [server_tables.owned_part(update) for update in updates]
-    touched = {name: torch.unique(torch.cat([u.tables[name].ids for u in updates
-                                             if name in u.tables]))
-               for name in tables if any(name in u.tables for u in updates)}
+    touched = {name: torch.unique(ids) for name in tables
+               if (ids := table_ids(updates, name)) is not None}
     before = {name: tables[name][ids].clone() for name, ids in touched.items()}
     server = ServerModel(parameters_to_vector(dense).detach().clone(), tables)
     strategy.aggregate(updates, server)

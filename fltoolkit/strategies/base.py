@@ -14,7 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fltoolkit.training.updates import ClientUpdate, SparseRows
+from fltoolkit.training.updates import (
+    ClientRows,
+    ClientUpdate,
+    RoundRows,
+    SparseRows,
+    shared_round,
+)
 
 
 class AggregationError(ValueError):
@@ -61,32 +67,27 @@ def weighted_row_means(updates: list[ClientUpdate], weights: Tensor, tables: dic
 
     With `touched_only`, row r's mean is sum_{k touched r} w_k delta_k[r] / sum_{k touched r} w_k;
     otherwise the denominator is sum over all clients (untouched rows count as zero deltas).
-    Tables of one width are averaged together, their rows told apart by an offset: a round's
-    pieces are clients x tables, and one unique and one index_add over all of them cost far
-    less than a few small ops per table.
+    Tables of one width are averaged together, their rows told apart by an offset, and
+    updates that read one round layout (the trainer's) are reduced over its whole-round
+    tensors: one unique and one index_add for the round, not a few small ops per client and
+    table.
     """
     by_width: dict[int, list[str]] = {}
     for name, weight in tables.items():
         by_width.setdefault(weight.shape[1], []).append(name)
+    shared = shared_round(updates)
     means = {}
     for names in by_width.values():
-        sizes = [tables[name].shape[0] for name in names]
-        device = tables[names[0]].device
-        offsets = torch.tensor([0, *sizes], dtype=torch.int64, device=device).cumsum(0)
-        pieces = [(k, i, u.tables[name]) for k, u in enumerate(updates)
-                  for i, name in enumerate(names) if name in u.tables]
-        if not pieces:
+        pieces = (_round_pieces(updates, weights, shared, names) if shared is not None
+                  else _client_pieces(updates, weights, names))
+        if pieces is None:
             continue
-        counts = torch.tensor([rows.ids.shape[0] for _, _, rows in pieces], device=device)
-        table = torch.repeat_interleave(torch.tensor([i for _, i, _ in pieces], device=device),
-                                        counts)
-        ids = torch.cat([rows.ids for _, _, rows in pieces])
+        table, ids, values, row_weight = pieces
+        sizes = [tables[name].shape[0] for name in names]
+        offsets = torch.tensor([0, *sizes], dtype=torch.int64, device=ids.device).cumsum(0)
         if len(ids) and bool(((ids < 0) | (ids >= offsets[table + 1] - offsets[table])).any()):
             raise AggregationError(f"row ids outside the tables {names} in an update")
-        keys = ids + offsets[table]
-        values = torch.cat([rows.values for _, _, rows in pieces])
-        row_weight = torch.repeat_interleave(weights[[k for k, _, _ in pieces]], counts)
-        unique, inverse = torch.unique(keys, return_inverse=True)
+        unique, inverse = torch.unique(ids + offsets[table], return_inverse=True)
         total = values.new_zeros(unique.numel(), values.shape[1])
         total.index_add_(0, inverse, values * row_weight[:, None])
         if touched_only:
@@ -103,6 +104,55 @@ def weighted_row_means(updates: list[ClientUpdate], weights: Tensor, tables: dic
     return means
 
 
+Pieces = tuple[Tensor, Tensor, Tensor, Tensor]  # per row: table index, id, delta, weight
+
+
+def _client_pieces(updates: list[ClientUpdate], weights: Tensor, names: list[str]
+                   ) -> Pieces | None:
+    """The rows of `names` of each update, update after update."""
+    pieces = [(k, i, u.tables[name]) for k, u in enumerate(updates)
+              for i, name in enumerate(names) if name in u.tables]
+    if not pieces:
+        return None
+    device = weights.device
+    counts = torch.tensor([rows.ids.shape[0] for _, _, rows in pieces], device=device)
+    table = torch.repeat_interleave(torch.tensor([i for _, i, _ in pieces], device=device),
+                                    counts)
+    return (table, torch.cat([rows.ids for _, _, rows in pieces]),
+            torch.cat([rows.values for _, _, rows in pieces]),
+            torch.repeat_interleave(weights[[k for k, _, _ in pieces]], counts))
+
+
+def _round_pieces(updates: list[ClientUpdate], weights: Tensor,
+                  shared: dict[str, RoundRows], names: list[str]) -> Pieces | None:
+    """The rows of `names` that `updates` hold in their round layout, table after table
+    (within a table, client after client as in the round): a mask over each table's
+    whole-round rows selects the updates' clients, when they are not all of them."""
+    present = [(i, shared[name]) for i, name in enumerate(names) if name in shared]
+    if not present:
+        return None
+    device = weights.device
+    clients = len(present[0][1].bounds) - 1
+    slots = torch.tensor([u.tables.slot for u in updates], device=device)
+    weight_of = weights.new_zeros(clients).index_copy_(0, slots, weights)
+    everyone = len(updates) == clients
+    kept_of = torch.zeros(clients, dtype=torch.bool, device=device).index_fill_(0, slots, True)
+    parts = []
+    for i, rows in present:
+        owners = rows.owners()
+        ids, values, row_weight = rows.ids, rows.values, weight_of[owners]
+        if not everyone:
+            kept = kept_of[owners]
+            ids, values, row_weight = ids[kept], values[kept], row_weight[kept]
+        parts.append((i, ids, values, row_weight))
+    table = torch.repeat_interleave(torch.tensor([i for i, *_ in parts], device=device),
+                                    torch.tensor([len(ids) for _, ids, _, _ in parts],
+                                                 device=device))
+    return (table, torch.cat([ids for _, ids, _, _ in parts]),
+            torch.cat([values for _, _, values, _ in parts]),
+            torch.cat([weight for *_, weight in parts]))
+
+
 def check_updates(updates: list[ClientUpdate], server: ServerModel) -> None:
     """Fail with a named error on shapes that would otherwise broadcast silently."""
     if not updates:
@@ -112,6 +162,8 @@ def check_updates(updates: list[ClientUpdate], server: ServerModel) -> None:
             raise AggregationError(
                 f"client {update.client}: dense delta of shape {tuple(update.dense.shape)}, "
                 f"expected {tuple(server.dense.shape)}")
+        if isinstance(update.tables, ClientRows):
+            continue  # its round's layout is checked once, below
         for name, rows in update.tables.items():
             if name not in server.tables:
                 raise AggregationError(f"client {update.client}: unknown table {name!r}")
@@ -119,6 +171,17 @@ def check_updates(updates: list[ClientUpdate], server: ServerModel) -> None:
             if rows.values.shape != (rows.ids.numel(), width):
                 raise AggregationError(
                     f"client {update.client}: table {name!r} rows of shape "
+                    f"{tuple(rows.values.shape)}, expected ({rows.ids.numel()}, {width})")
+    layouts = {id(u.tables.round): u.tables.round for u in updates
+               if isinstance(u.tables, ClientRows)}
+    for layout in layouts.values():
+        for name, rows in layout.items():
+            if name not in server.tables:
+                raise AggregationError(f"the round's updates: unknown table {name!r}")
+            width = server.tables[name].shape[1]
+            if rows.values.shape != (rows.ids.numel(), width) or rows.bounds[-1] != len(rows.ids):
+                raise AggregationError(
+                    f"the round's updates: table {name!r} rows of shape "
                     f"{tuple(rows.values.shape)}, expected ({rows.ids.numel()}, {width})")
 
 

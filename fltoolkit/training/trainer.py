@@ -15,10 +15,10 @@ back until the server has screened its update: `keep` stores it for the accepted
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -32,7 +32,7 @@ from fltoolkit.training.optimizer_state import (
     RoundOptimizers,
     as_optimizer_list,
 )
-from fltoolkit.training.updates import ClientUpdate, SparseRows
+from fltoolkit.training.updates import ClientRows, ClientUpdate, RoundRows, SparseRows
 from recsys.parts import ModelParts
 
 
@@ -40,7 +40,7 @@ from recsys.parts import ModelParts
 class ClientState:
     """What one client keeps after a round: its new local-table rows and optimizer state."""
 
-    local_rows: dict[str, SparseRows]
+    local_rows: Mapping[str, SparseRows]
     optimizer: Any = None
 
 
@@ -201,23 +201,19 @@ class CohortTrainer:
         dense_rows = list(range(len(cohort.clients))) if dense_rows is None else dense_rows
         deltas = {name: work[name] - start[name] for name in work}
         finite = _finite_per_client(cohort, dense_deltas, deltas, losses, dense_rows)
-        segments = {}  # table -> per client its SparseRows (deltas; a local table's new rows)
+        uploaded, local = {}, {}  # table -> the round's rows: deltas; a local table's new rows
         for name, delta in deltas.items():
-            sizes = np.diff(cohort.segments[name]).tolist()
-            values = work[name] if self._is_local(name) else delta
-            segments[name] = list(map(SparseRows, cohort.row_ids[name].split(sizes),
-                                      values.split(sizes)))
-        uploaded = [name for name in segments if not self._is_local(name)]
-        local = [name for name in segments if self._is_local(name)]
+            if self._is_local(name):
+                local[name] = RoundRows(cohort.row_ids[name], work[name], cohort.segments[name])
+            else:
+                uploaded[name] = RoundRows(cohort.row_ids[name], delta, cohort.segments[name])
         dense = dense_deltas.unbind()
         updates = []
         for slot, client in enumerate(cohort.clients):
-            self.pending[client] = ClientState({name: segments[name][slot] for name in local},
-                                               optimizer_kept[slot])
+            self.pending[client] = ClientState(ClientRows(local, slot), optimizer_kept[slot])
             updates.append(ClientUpdate(
                 client=client, num_samples=cohort.num_samples[slot], loss=losses[slot],
-                dense=dense[dense_rows[slot]],
-                tables={name: segments[name][slot] for name in uploaded},
+                dense=dense[dense_rows[slot]], tables=ClientRows(uploaded, slot),
                 download_bytes=int(cohort.bytes_moved[slot]),
                 samples_trained=cohort.samples_trained[slot],
                 loss_squared_sum=squares[slot], finite=finite[slot]))

@@ -8,6 +8,7 @@ aggregation proportional to the cohort's data instead of to the tables.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -46,6 +47,84 @@ class SparseRows(NamedTuple):
         target[hit] = self.values[position[hit]]
 
 
+class RoundRows(NamedTuple):
+    """One table's rows of a whole round's clients, client after client (the trainer's
+    compact layout): client k's rows are ids[bounds[k]:bounds[k + 1]] with their values.
+
+    Aggregation reduces over these whole-round tensors (segment reductions) instead of over
+    one small tensor per client and table."""
+
+    ids: Tensor
+    values: Tensor
+    bounds: list[int]
+
+    def client(self, slot: int) -> SparseRows:
+        return SparseRows(self.ids[self.bounds[slot]:self.bounds[slot + 1]],
+                          self.values[self.bounds[slot]:self.bounds[slot + 1]])
+
+    def owners(self) -> Tensor:
+        """[U] the slot of each row."""
+        sizes = torch.tensor(self.bounds, device=self.ids.device).diff()
+        return torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)
+
+
+class ClientRows(Mapping[str, SparseRows]):
+    """A client's rows of every table, read from its round's RoundRows: one object per
+    client instead of one SparseRows per client and table, which a round of 1000 clients
+    and 15 tables built 15,000 of."""
+
+    __slots__ = ("round", "slot")
+
+    def __init__(self, round_rows: dict[str, RoundRows], slot: int) -> None:
+        self.round, self.slot = round_rows, slot
+
+    def __getitem__(self, table: str) -> SparseRows:
+        return self.round[table].client(self.slot)
+
+    def __contains__(self, table: object) -> bool:
+        return table in self.round
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.round)
+
+    def __len__(self) -> int:
+        return len(self.round)
+
+    def num_bytes(self) -> int:
+        """Bytes of every row and its id."""
+        total = 0
+        for rows in self.round.values():
+            count = rows.bounds[self.slot + 1] - rows.bounds[self.slot]
+            total += count * (ID_BYTES + rows.values.shape[1] * rows.values.element_size())
+        return total
+
+
+def shared_round(updates: Sequence[ClientUpdate]) -> dict[str, RoundRows] | None:
+    """The round layout that every update's tables read from, if they all read one (as the
+    trainer made them; faults, sharding or another producer give plain dicts: None)."""
+    first = updates[0].tables if updates else None
+    if not isinstance(first, ClientRows):
+        return None
+    shared = first.round
+    if all(isinstance(u.tables, ClientRows) and u.tables.round is shared for u in updates):
+        return shared
+    return None
+
+
+def table_ids(updates: Sequence[ClientUpdate], table: str) -> Tensor | None:
+    """Every update's row ids of `table`, one update after another; None if none has it."""
+    shared = shared_round(updates)
+    if shared is not None and table in shared:
+        rows = shared[table]
+        if len(updates) == len(rows.bounds) - 1:  # the whole round: no selection needed
+            return rows.ids
+        kept = torch.zeros(len(rows.bounds) - 1, dtype=torch.bool, device=rows.ids.device)
+        kept[[u.tables.slot for u in updates]] = True
+        return rows.ids[kept[rows.owners()]]
+    parts = [u.tables[table].ids for u in updates if table in u.tables]
+    return torch.cat(parts) if parts else None
+
+
 def find_sorted(sorted_keys: Tensor, wanted: Tensor) -> tuple[Tensor, Tensor]:
     """Positions of `wanted` in `sorted_keys` and whether each was found."""
     if not sorted_keys.numel():
@@ -63,7 +142,8 @@ class ClientUpdate:
         num_samples: training rows the client used (its FedAvg weight).
         loss: mean training loss over the client's local steps (q-FedAvg, Oort).
         dense: flat float32 delta of every dense (non-table) parameter, in `named_parameters` order.
-        tables: table name -> touched rows and their deltas; local tables never appear here.
+        tables: table name -> touched rows and their deltas; local tables never appear here
+            (a dict, or the trainer's ClientRows over the round's RoundRows).
         download_bytes: what the client had to receive to train (dense weights and its rows).
         samples_trained: rows trained on, counted once per local step (epochs x rows).
         loss_squared_sum: sum over those samples of their squared loss (Oort's utility).
@@ -78,7 +158,7 @@ class ClientUpdate:
     num_samples: int
     loss: float
     dense: Tensor
-    tables: dict[str, SparseRows] = field(default_factory=dict)
+    tables: Mapping[str, SparseRows] = field(default_factory=dict)
     download_bytes: int = 0
     samples_trained: int = 0
     loss_squared_sum: float = 0.0
@@ -87,6 +167,8 @@ class ClientUpdate:
 
     def upload_bytes(self) -> int:
         dense = self.dense.numel() * self.dense.element_size()
+        if isinstance(self.tables, ClientRows):
+            return dense + self.tables.num_bytes()
         return dense + sum(rows.num_bytes() for rows in self.tables.values())
 
     def squared_norm(self) -> float:
