@@ -265,17 +265,17 @@ class VectorizedTrainer(CohortTrainer):
             losses.detach(), samples
 
     def _proximal_pulls(self, work: dict[str, Tensor], start: dict[str, Tensor],
-                        owners: dict[str, Tensor], stepping: slice
+                        owners: dict[str, Tensor], clients: slice
                         ) -> dict[str, tuple[Tensor, Tensor]]:
-        """FedProx's table term at the current weights: mu (w - w_start) on every row of the
-        segments of the `stepping` positions (`owners`: each buffer row's position; empty
-        without FedProx), as the sequential trainer adds it, to subtract times the table
-        learning rate along with the data gradient."""
+        """FedProx's table term at the current weights (none without FedProx): mu (w -
+        w_start) on every row of the segments of the clients at positions `clients`
+        (`owners`: each buffer row's position), as the sequential trainer adds it to the
+        data gradient."""
         pulls = {}
         if not self.proximal_mu:
             return pulls
         for name, owner in owners.items():
-            rows = torch.nonzero((owner >= stepping.start) & (owner < stepping.stop)).reshape(-1)
+            rows = torch.nonzero((owner >= clients.start) & (owner < clients.stop)).reshape(-1)
             pulls[name] = (rows, self.proximal_mu * (work[name][rows] - start[name][rows]))
         return pulls
 
