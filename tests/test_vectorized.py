@@ -393,11 +393,13 @@ def test_auto_falls_back_with_one_line_naming_why(synthetic_data, caplog):
         "OwnStep overrides CTRModule.training_step"]
 
 
-@pytest.mark.parametrize("vectorize, optimizers", [(True, SGD), (False, SGD),
-                                                    (True, ADAM_ADAGRAD)],
-                         ids=["vectorized", "sequential", "vectorized-adam-adagrad-kept"])
+@pytest.mark.parametrize("vectorize, optimizers, local", [
+    (True, SGD, []), (False, SGD, []), (True, ADAM_ADAGRAD, []), (True, SGD, ["user"]),
+    (False, SGD, ["user"])],
+    ids=["vectorized", "sequential", "vectorized-adam-adagrad-kept", "vectorized-local-table",
+         "sequential-local-table"])
 def test_training_and_aggregation_make_their_tensors_on_the_module_device(
-        synthetic_data, monkeypatch, vectorize, optimizers):
+        synthetic_data, monkeypatch, vectorize, optimizers, local):
     """No GPU here, so: with torch's default device set to `meta`, a tensor that local
     training or aggregation makes without naming a device lands on meta, and its first use
     beside the module's tensors fails. The round must run and train exactly as it does with
@@ -414,7 +416,7 @@ def test_training_and_aggregation_make_their_tensors_on_the_module_device(
 
     settings = {"rounds": 2, "vectorize": vectorize, "proximal_mu": 0.1,
                 "reject_norm_ratio": 3.0, "optimizers": optimizers,
-                "keep_optimizer_state": optimizers is ADAM_ADAGRAD}
+                "keep_optimizer_state": optimizers is ADAM_ADAGRAD, "local_tables": local}
     plain = _loop(synthetic_data, **settings)
     loop = _loop(synthetic_data, **settings)
     loop.trainer.train_round = on_meta(loop.trainer.train_round)
@@ -434,5 +436,5 @@ def test_the_device_is_checked_where_it_is_named():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="federated.device cuda: CUDA is not available"):
             FederatedConfig(device="cuda")
-    with pytest.raises(ValueError, match="local tables and sharded tables run on cpu only"):
-        FederatedConfig(device="meta", local_tables=["user"])
+    with pytest.raises(ValueError, match="sharded tables run on cpu only"):
+        FederatedConfig(device="meta", sharding="table_wise")

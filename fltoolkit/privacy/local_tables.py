@@ -3,7 +3,8 @@
 A local table is trained on the client and used to score that client's rows, but its rows
 never appear in an update or in the server's state. The global model keeps the table's
 initial values (it is never aggregated), and each client's trained rows live here, keyed by
-client, so clients sharing a row id (a local ad table) each keep their own copy.
+client, so clients sharing a row id (a local ad table) each keep their own copy. They are
+kept in host memory, which grows with the clients seen, whatever device trains them.
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ class LocalTableStore:
         """The client's values of rows `ids` ([R] sorted unique): stored ones, else initial."""
         values = self.initial[table].detach()[ids]
         stored = self.rows[table].get(client)
-        if stored is not None:
-            stored.copy_into(ids, values)
-        return values
+        if stored is None:
+            return values
+        host = values.cpu()  # the same tensor when training on the host
+        stored.copy_into(ids.cpu(), host)
+        return host.to(values.device)
 
     def save(self, table: str, client: int, ids: Tensor, values: Tensor) -> None:
         """Keep the client's new values of rows `ids`; its other stored rows stay."""
+        ids, values = ids.cpu(), values.cpu()
         stored = self.rows[table].get(client) or SparseRows(ids[:0], values[:0])
         self.rows[table][client] = stored.merged(ids, values)
 
@@ -59,7 +63,7 @@ class LocalTableStore:
         wanted = torch.where(clients >= 0, clients * vocab + ids, -1)
         position, hit = find_sorted(keys, wanted)
         remapped = torch.where(hit, vocab + position, ids)
-        return torch.cat([weight, values]), remapped
+        return torch.cat([weight, values.to(weight.device)]), remapped
 
     def state_dict(self) -> dict[str, dict[int, tuple[Tensor, Tensor]]]:
         """Every stored (client, rows) pair, for checkpoints (the initial weights are the

@@ -124,9 +124,9 @@ class FederatedConfig:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"federated.device {self.device}: CUDA is not available on this "
                              "machine (torch.cuda.is_available() is false); use cpu")
-        if device.type != "cpu" and (self.local_tables or self.sharding != "none"):
-            raise ValueError(f"federated.device {self.device}: local tables and sharded tables "
-                             "run on cpu only so far")
+        if device.type != "cpu" and self.sharding != "none":
+            raise ValueError(f"federated.device {self.device}: sharded tables run on cpu only "
+                             "so far")
 
     def schedule(self) -> LocalSchedule:
         """How much each client trains per round."""
