@@ -31,7 +31,11 @@ EXPERIMENT = str(Path(__file__).resolve().parents[1] / "experiments" / "taobao.y
 WALL_CLOCK = ("wall_time_s", "round_wall_s")  # the only fields allowed to differ
 
 
-def _args(tmp_path: Path, rounds: int = 6) -> list[str]:
+ROUNDS = 40  # vectorized rounds of this size take ~15 ms: enough of them that a signal sent
+# at round 1 or 3 lands mid-run on a fast machine too (with 6, a run could end first)
+
+
+def _args(tmp_path: Path, rounds: int = ROUNDS) -> list[str]:
     # Oort and FedAdam: selector and server-optimizer state must survive the restart too
     return ["--experiment", EXPERIMENT, "--data.num_rows", "10000",
             "--data.init_args.cache_dir", str(tmp_path / "cache"),
@@ -54,7 +58,7 @@ def _wait_for_round(process: subprocess.Popen, run: Path, round_index: int) -> N
         if rounds.exists() and any(line.startswith(f"{round_index},")
                                    for line in rounds.read_text().splitlines()):
             return
-        time.sleep(0.05)
+        time.sleep(0.01)
     raise AssertionError(f"round {round_index} never appeared: {process.communicate()[1]}")
 
 
@@ -78,13 +82,14 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, capsys):
     _wait_for_round(processes[stopped], stopped, 1)
     processes[stopped].send_signal(signal.SIGTERM)
     _wait_for_round(processes[killed], killed, 3)
-    processes[killed].send_signal(signal.SIGKILL)  # mid-way between checkpoints 2 and 4
+    processes[killed].send_signal(signal.SIGKILL)  # between two checkpoints, mid-run
     assert processes[killed].wait() == -signal.SIGKILL
+    assert load_latest(killed / "checkpoints")[1]["completed_rounds"] < ROUNDS
     _, err = processes[stopped].communicate()
     assert processes[stopped].returncode == 130, err
     assert "--resume" in err.strip().splitlines()[-1]
     stopped_at = load_latest(stopped / "checkpoints")[1]["completed_rounds"]
-    assert stopped_at < 6 and (stopped / "report.html").exists()
+    assert stopped_at < ROUNDS and (stopped / "report.html").exists()
 
     reference = tmp_path / "reference"
     assert main(["fit", *_args(tmp_path), "--run_dir", str(reference)]) == 0
@@ -96,11 +101,11 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, capsys):
     # the same seed twice gives the same numbers (the warm-up run had the same config)
     assert _rows(tmp_path / "warm" / "metrics.csv") == _rows(reference / "metrics.csv")
     assert [p.name for p in list_checkpoints(reference / "checkpoints")] == [
-        "round_000004.pt", "round_000006.pt"]  # keep_last 2
+        f"round_{ROUNDS - 2:06d}.pt", f"round_{ROUNDS:06d}.pt"]  # keep_last 2
 
     capsys.readouterr()
-    assert main(["fit", *_args(tmp_path, rounds=8), "--resume", str(killed)]) == 2
-    assert "federated.rounds (6 -> 8)" in capsys.readouterr().err
+    assert main(["fit", *_args(tmp_path, rounds=ROUNDS + 2), "--resume", str(killed)]) == 2
+    assert f"federated.rounds ({ROUNDS} -> {ROUNDS + 2})" in capsys.readouterr().err
 
 
 def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
