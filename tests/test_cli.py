@@ -206,6 +206,7 @@ def test_systems_add_a_simulated_clock_to_metrics_and_summary(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["sim_time_s"] == pytest.approx(float(rows[1]["sim_time_s"]))
     assert summary["selector"] == "Oort" and summary["rounds_to_target"] == 2
+    assert summary["trainer"] == "VectorizedTrainer"  # federated.vectorize auto
     assert summary["time_to_target"] == pytest.approx(float(rows[0]["sim_time_s"]))
 
 

@@ -225,6 +225,7 @@ def _train_federated(cli: Any, datamodule: CTRDataModule, sharded: ShardedTables
                    "clients_per_round": federated.clients_per_round,
                    "local_tables": list(loop.local_tables.initial) if loop.local_tables else [],
                    "selector": type(loop.selector).__name__,
+                   "trainer": type(loop.trainer).__name__,
                    **cli.config_init["report"].to_target(loop.history)}
 
 

@@ -106,6 +106,8 @@ def trainer_for(module: torch.nn.Module, config: FederatedConfig
         return CohortTrainer
     blockers = vectorization_blockers(module, config.keep_optimizer_state)
     if not blockers:
+        log.info("a round's clients step together (federated.vectorize %s)",
+                 str(config.vectorize).lower())
         return partial(VectorizedTrainer, memory_mb=config.vectorize_memory_mb)
     if config.vectorize is True:
         raise ConfigError(f"federated.vectorize true: {'; '.join(blockers)}")
