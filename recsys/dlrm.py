@@ -64,6 +64,12 @@ def build_dlrm(
     )
 
 
+def dense_input(dense: torch.Tensor) -> torch.Tensor:
+    """What the dense arch takes for dense features [..., D]: them, or one constant column
+    when there are none (`build_dlrm` gives the arch at least one input)."""
+    return dense if dense.shape[-1] else dense.new_zeros(*dense.shape[:-1], 1)
+
+
 class SingleIdFeatures(nn.Module):
     """Turns a [B, F] tensor of ids (one id per feature per row) into a KeyedJaggedTensor.
 

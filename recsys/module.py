@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from datamodules.base import FeatureSpec
 from datamodules.clients import Batch
-from recsys.dlrm import SingleIdFeatures, build_dlrm
+from recsys.dlrm import SingleIdFeatures, build_dlrm, dense_input
 from recsys.metrics import ctr_metrics
 from recsys.optim import DenseSparseOptimizer
 from recsys.parts import dense_parameters, embedding_tables
@@ -118,11 +118,9 @@ class CTRModule(L.LightningModule):
         """
         if self.model is None:
             raise RuntimeError("CTRModule has no network yet: call configure_features(spec)")
-        if dense.shape[1] == 0:  # DLRM's dense arch needs one input; feed a constant
-            dense = torch.zeros(dense.shape[0], 1)
         dlrm = self.model
         embedded = dlrm.sparse_arch(self.to_kjt(sparse))
-        interactions = dlrm.inter_arch(dense_features=dlrm.dense_arch(dense),
+        interactions = dlrm.inter_arch(dense_features=dlrm.dense_arch(dense_input(dense)),
                                        sparse_features=embedded)
         return dlrm.over_arch(interactions).squeeze(-1), embedded
 

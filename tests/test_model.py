@@ -106,3 +106,13 @@ def test_centralized_training_learns_a_planted_signal():
     from recsys.metrics import auc
     with torch.no_grad():
         assert auc(module(dense, sparse), labels) > 0.95
+
+
+def test_the_dense_arch_gets_one_constant_column_when_there_are_no_dense_features():
+    from recsys.dlrm import dense_input
+
+    features = torch.randn(4, 3)
+    assert dense_input(features) is features
+    for shape in ((4, 0), (2, 5, 0)):  # a batch, and a bucket of clients' padded batches
+        constant = dense_input(torch.empty(shape))
+        assert constant.shape == (*shape[:-1], 1) and not constant.any()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from datamodules.clients import ClientTable
-from fltoolkit.training.updates import ID_BYTES
+from fltoolkit.training.updates import ID_BYTES, segment_owners
 from recsys.parts import TablePart
 
 
@@ -90,9 +90,7 @@ class Cohort:
 
     def row_owners(self, table: str) -> Tensor:
         """[U] the slot of the client whose segment holds each row of the table's buffer."""
-        device = self.sparse.device
-        sizes = torch.tensor(np.diff(self.segments[table]), dtype=torch.int64, device=device)
-        return torch.repeat_interleave(torch.arange(len(self.clients), device=device), sizes)
+        return segment_owners(self.segments[table], self.sparse.device)
 
     def to(self, device: torch.device) -> Cohort:
         """This cohort with its tensors on `device` (one transfer per round)."""

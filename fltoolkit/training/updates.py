@@ -64,8 +64,13 @@ class RoundRows(NamedTuple):
 
     def owners(self) -> Tensor:
         """[U] the slot of each row."""
-        sizes = torch.tensor(self.bounds, device=self.ids.device).diff()
-        return torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)
+        return segment_owners(self.bounds, self.ids.device)
+
+
+def segment_owners(bounds: list[int], device: torch.device) -> Tensor:
+    """[bounds[-1]] the segment of each position, for segments k = bounds[k]:bounds[k + 1]."""
+    sizes = torch.tensor(bounds, device=device).diff()
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)
 
 
 class ClientRows(Mapping[str, SparseRows]):

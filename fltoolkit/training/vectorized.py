@@ -46,6 +46,7 @@ from fltoolkit.training.stacked_optimizers import LocalOptimizers, LocalRules, l
 from fltoolkit.training.step_plan import Bucket, StepPlan
 from fltoolkit.training.trainer import CohortTrainer
 from fltoolkit.training.updates import ClientUpdate
+from recsys.dlrm import dense_input
 from recsys.module import CTRModule
 from recsys.parts import TablePart, dense_parameters, embedding_tables
 
@@ -64,11 +65,11 @@ def vectorization_blockers(module: torch.nn.Module, keep_optimizer_state: bool) 
                 if getattr(type(module), name) is not getattr(CTRModule, name)]
     if not all(hasattr(module.model, arch) for arch in ARCHES):
         blockers.append("the network has no dense_arch / inter_arch / over_arch (DLRM)")
-    shared = [name for name, (_, config) in embedding_tables(module).items()
-              if len(config.feature_names) != 1]
+    configs = {name: config for name, (_, config) in embedding_tables(module).items()}
+    shared = [name for name, config in configs.items() if len(config.feature_names) != 1]
     if shared:
         blockers.append(f"tables fed by several features ({', '.join(shared)})")
-    if len({config.embedding_dim for _, config in embedding_tables(module).values()}) > 1:
+    if len({config.embedding_dim for config in configs.values()}) > 1:
         blockers.append("tables of different widths")
     rules = optimizer_rules(module)
     found = [rules] if isinstance(rules, str) else rules.blockers(keep_optimizer_state)
@@ -255,9 +256,7 @@ class VectorizedTrainer(CohortTrainer):
         The forward runs vmapped over the clients; one ordinary backward of the summed losses
         gives each client its own gradients, since a client's loss depends on its weights
         only (cheaper than vmapping a grad transform)."""
-        dense, label = cohort.dense[bucket.rows], cohort.label[bucket.rows]
-        if dense.shape[-1] == 0:  # DLRM's dense arch needs one input; feed a constant
-            dense = torch.zeros(*dense.shape[:-1], 1, device=dense.device)
+        dense, label = dense_input(cohort.dense[bucket.rows]), cohort.label[bucket.rows]
         embedded = rows.gather(bucket).requires_grad_()
         leaves = {name: value.detach().requires_grad_() for name, value in weights.items()}
         losses, samples = vmap(partial(functional_call, self.network, tie_weights=False))(
