@@ -1,20 +1,5 @@
-"""Privacy mechanisms: client-local embedding tables that never leave the client, and the
-arithmetic of simulated secure aggregation."""
-
-from fltoolkit.privacy.local_tables import LocalTableStore
-from fltoolkit.privacy.secure_sum import (
-    FixedPoint,
-    SecureAggregationFailed,
-    SecureSumRound,
-    setup_upload_bytes,
-    upload_bytes,
-)
-
-__all__ = [
-    "FixedPoint",
-    "LocalTableStore",
-    "SecureAggregationFailed",
-    "SecureSumRound",
-    "setup_upload_bytes",
-    "upload_bytes",
-]
+"""Privacy mechanisms, each in its module: client-local embedding tables that never leave the
+client (local_tables), client-level differential privacy (dp, with the accountant in
+accountant), simulated secure aggregation (secure_sum, secure_aggregation), the `privacy`
+section (config) and a run's assembly of them (plan). Nothing is imported here, so that
+`fltk privacy` imports neither torch nor Lightning."""

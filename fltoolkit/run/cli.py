@@ -1,17 +1,20 @@
 """`fltk`: the command line. `fltk fit --experiment X [--key.sub value ...]` trains (see
 `fltoolkit.run.fit`); `fltk report RUN_DIR ...` rebuilds reports; `fltk experiments` lists the
-built-in experiments. Each command imports what it needs only when run, so `fltk report`,
-`fltk experiments` and `fltk help` do not pay for torch and Lightning.
+built-in experiments; `fltk privacy` prints a DP-FedAvg privacy budget. Each command imports
+what it needs only when run, so `fltk report`, `fltk experiments`, `fltk privacy` and
+`fltk help` do not pay for torch and Lightning.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("fltk")
 
@@ -24,6 +27,10 @@ commands:
   experiments  list the built-in experiments
   report       regenerate a run's plots and report: fltk report RUN_DIR
                compare runs: fltk report RUN_DIR RUN_DIR [...] --out DIR
+  privacy      client-level DP-FedAvg without training: the noise multiplier a target epsilon
+               needs, or the epsilon a noise multiplier spends; `fltk privacy --help`
+               e.g. fltk privacy --target-epsilon 8 --rounds 1000 --clients-per-round 20
+                    --num-clients 10000
   help         this message; `fltk fit --help` lists every option of an experiment
 """
 
@@ -73,6 +80,89 @@ def report(args: list[str]) -> Path:
     return html
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Reports what argparse exits on (a missing or unknown option) as a UsageError, which
+    `_run` prints as one line, instead of the usage and the message."""
+
+    def error(self, message: str) -> Any:
+        raise UsageError(message)
+
+
+def _checked(kind: Callable[[str], Any], holds: Callable[[Any], bool], expected: str
+             ) -> Callable[[str], Any]:
+    """An argparse type: `kind` of the text, refused with `expected` unless `holds`, so that
+    the one-line error names the option."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not holds(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return convert
+
+
+def privacy(args: list[str]) -> str:
+    """`fltk privacy`: the noise multiplier for a target epsilon (rounded up, so the printed
+    value itself keeps the target), or the epsilon of a noise multiplier, after the rounds."""
+    from fltoolkit.privacy.accountant import (
+        ClientSampling,
+        PrivacyAccountant,
+        default_delta,
+        noise_multiplier_for,
+    )
+
+    positive = _checked(float, lambda x: 0 < x < math.inf, "a number > 0")
+    count = _checked(int, lambda n: n >= 1, "an integer >= 1")
+    parser = _OneLineParser(prog="fltk privacy", exit_on_error=False,
+                            description="The privacy budget of client-level DP-FedAvg, whose "
+                                        "noise has standard deviation noise multiplier x clip "
+                                        "norm. fixed_size sampling is accounted for datasets "
+                                        "that differ by replacing one client's data, poisson "
+                                        "for adding or removing one.")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--target-epsilon", type=positive,
+                        help="print the least noise multiplier that keeps epsilon <= this")
+    budget.add_argument("--noise-multiplier", type=positive,
+                        help="print the epsilon this noise multiplier spends")
+    parser.add_argument("--rounds", type=count, required=True, help="federated rounds")
+    parser.add_argument("--clients-per-round", type=count, required=True,
+                        help="the cohort (its expected size with poisson sampling)")
+    parser.add_argument("--num-clients", type=count, required=True, help="the population")
+    parser.add_argument("--sampling", choices=["fixed_size", "poisson"], default="fixed_size",
+                        help="fixed_size: the cohort drawn without replacement, as "
+                             "UniformSelector does (default); poisson: each client joins "
+                             "independently")
+    parser.add_argument("--delta", type=_checked(float, lambda x: 0 < x < 1, "a number in (0, 1)"),
+                        help="default: 1 / --num-clients")
+    parser.add_argument("--method", choices=["pld", "rdp"],
+                        help="default: pld for poisson sampling, rdp for fixed_size (the only "
+                             "one that accounts it)")
+    options = parser.parse_args(args)
+    if options.target_epsilon is None and options.noise_multiplier is None:
+        raise UsageError("one of --target-epsilon and --noise-multiplier is required")
+    if options.clients_per_round > options.num_clients:
+        raise UsageError(f"--clients-per-round {options.clients_per_round} exceeds "
+                         f"--num-clients {options.num_clients}")
+    sampling = ClientSampling(options.sampling, options.num_clients, options.clients_per_round)
+    delta = default_delta(options.num_clients) if options.delta is None else options.delta
+    method = options.method or ("pld" if options.sampling == "poisson" else "rdp")
+    noise = options.noise_multiplier
+    if noise is None:
+        calibrated = noise_multiplier_for(options.target_epsilon, options.rounds, sampling,
+                                          delta, method)
+        noise = math.ceil(calibrated * 1e4) / 1e4
+    epsilon = PrivacyAccountant(noise, sampling, delta, method).epsilon(options.rounds)
+    cohort = (f"{options.clients_per_round} of {options.num_clients} clients per round"
+              if options.sampling == "fixed_size" else
+              f"each of {options.num_clients} clients with probability {sampling.rate:.4g}")
+    return (f"noise multiplier {noise:g} gives epsilon {epsilon:.4f} at delta {delta:.3g} "
+            f"after {options.rounds} rounds ({cohort}, {options.sampling} sampling, {method})")
+
+
 def built_in_experiments() -> str:
     """`fltk experiments`: each built-in experiment's name and what it runs."""
     import experiments
@@ -92,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "experiments":
         print(built_in_experiments())
         return 0
+    if command == "privacy":
+        return _run(lambda: print(privacy(rest)), (argparse.ArgumentError, ValueError), str,
+                    command)
     if command not in ("fit", "report"):
         print(f"fltk: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
