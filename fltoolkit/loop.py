@@ -28,7 +28,9 @@ import torch
 from datamodules.base import PreparedData
 from datamodules.clients import ClientTable
 from fltoolkit.gate import UpdateGate
+from fltoolkit.privacy.config import PrivacyConfig
 from fltoolkit.privacy.local_tables import LocalTableStore
+from fltoolkit.privacy.plan import PrivacyPlan
 from fltoolkit.run.checkpointing import RunInterrupted
 from fltoolkit.run.config import FederatedConfig
 from fltoolkit.run.ranks import Ranks
@@ -36,6 +38,7 @@ from fltoolkit.server.aggregation import aggregate_or_roll_back
 from fltoolkit.server.evaluation import Evaluation, evaluate
 from fltoolkit.server.held_out import HeldOutTest
 from fltoolkit.server.tables import ServerTables, ShardedServerTables
+from fltoolkit.strategies.base import RoundFailed
 from fltoolkit.systems.admission import Admitted, admission_for
 from fltoolkit.systems.config import SystemsConfig
 from fltoolkit.training.cohort import CohortPlanner
@@ -53,7 +56,9 @@ warnings.filterwarnings("ignore", message=".*self.log.*trainer. reference is not
 @dataclass(frozen=True)
 class RoundRow:
     """What rounds did, counted; rows add up (the rounds since an evaluation, a whole run).
-    The fields from `selected` to `bytes_down` are the columns of rounds.csv."""
+    The fields from `selected` to `rows_up` are the columns of rounds.csv (`failed`: rounds
+    whose aggregation protocol gave no aggregate; `rows_up`: row deltas the server received,
+    each client's or, under secure aggregation, the summed union)."""
 
     rounds: int = 0
     selected: int = 0
@@ -64,8 +69,10 @@ class RoundRow:
     dropped: int = 0
     stragglers: int = 0
     skipped: int = 0
+    failed: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    rows_up: int = 0
     losses: tuple[float, ...] = ()  # training losses of the aggregated clients
 
     def __add__(self, other: RoundRow) -> RoundRow:
@@ -116,12 +123,13 @@ class FederatedLoop:
         sharded_tables: the module's tables, sharded across `ranks` (recsys.sharding
             `shard_module_tables`); None: the module holds them whole.
         hooks: what to do with rounds, evaluations and checkpoints.
+        privacy: differential privacy and secure aggregation around the strategy; None: off.
     """
 
     def __init__(self, module: torch.nn.Module, data: PreparedData, config: FederatedConfig,
                  seed: int, *, eval_batch_size: int = 65536, systems: SystemsConfig | None = None,
                  ranks: Ranks | None = None, sharded_tables: ShardedTables | None = None,
-                 hooks: LoopHooks | None = None) -> None:
+                 hooks: LoopHooks | None = None, privacy: PrivacyConfig | None = None) -> None:
         self.module, self.data, self.config, self.seed = module, data, config, seed
         self.eval_batch_size = eval_batch_size
         self.ranks = ranks or Ranks()
@@ -138,8 +146,14 @@ class FederatedLoop:
                               ServerTables({name: part.weight.detach()
                                             for name, part in self.parts.tables.items()
                                             if name not in local}))
-        self.strategy, self.selector = config.strategy, config.selector
+        self.selector = config.selector
         self.selector.bind(num_clients, seed)
+        self.privacy = PrivacyPlan(
+            privacy or PrivacyConfig(), config.strategy, selector=self.selector,
+            num_clients=num_clients, clients_per_round=config.clients_per_round,
+            rounds=config.rounds, devices=bool(systems and systems.enabled),
+            reject_norm_ratio=config.reject_norm_ratio, sharded=sharded_tables is not None)
+        self.strategy = self.privacy.strategy
         self.admission = admission_for(systems, num_clients, seed)
         self.planner = CohortPlanner(
             data.train, self.parts.tables, config.schedule(),
@@ -149,13 +163,15 @@ class FederatedLoop:
             module, self.parts, self.server_tables, proximal_mu=config.proximal_mu,
             local_tables=self.local_tables,
             optimizer_states=ClientOptimizerStates() if config.keep_optimizer_state else None)
-        self.gate = UpdateGate(seed, config.faults, config.reject_norm_ratio)
+        self.gate = UpdateGate(seed, config.faults, config.reject_norm_ratio,
+                               uploads=self.strategy.uploads)
         self.participation = np.zeros(num_clients, dtype=np.int64)
         self.history: list[dict[str, Any]] = []
         self.completed_rounds, self.wall_time_s = 0, 0.0
         self.since_evaluation, self.totals = RoundRow(), RoundRow()
         self.last: dict[str, Any] = {}
         self.stop_requested = False
+        self.budget_spent_after: int | None = None  # the last round privacy.target_epsilon allowed
         self.held_out = HeldOutTest()
         self.test_clients = pl.DataFrame(schema={"client": pl.Int64, "test_rows": pl.Int64,
                                                  "test_auc": pl.Float64})
@@ -174,6 +190,9 @@ class FederatedLoop:
     def _run_rounds(self) -> dict[str, Any]:
         started = time.perf_counter() - self.wall_time_s
         for round_index in range(self.completed_rounds + 1, self.config.rounds + 1):
+            if not self.privacy.allows(round_index):
+                self._stop_at_budget(round_index, started)
+                break
             self.since_evaluation += self.run_round(round_index)
             evaluated = None
             if round_index % self.config.eval_interval == 0 or round_index == self.config.rounds:
@@ -189,6 +208,18 @@ class FederatedLoop:
             if stop and round_index < self.config.rounds:
                 raise RunInterrupted(round_index)
         return self._final_row()
+
+    def _stop_at_budget(self, round_index: int, started: float) -> None:
+        """End the run before `round_index`, which would spend more than the privacy budget:
+        the rounds since the last evaluation are evaluated and checkpointed."""
+        done = self.budget_spent_after = round_index - 1
+        log.warning("round %d would take epsilon to %.3f, past privacy.target_epsilon %s: the "
+                    "run stops after round %d", round_index, self.privacy.epsilon(round_index),
+                    self.privacy.config.target_epsilon, done)
+        if self.last.get("round") != done:
+            self.last = self._evaluate(done, started)
+            self.totals, self.since_evaluation = self.totals + self.since_evaluation, RoundRow()
+            self.hooks.on_checkpoint(self, done)
 
     def run_round(self, round_index: int) -> RoundRow:
         """One round: select and admit, then train, gate, aggregate and feed back."""
@@ -210,6 +241,7 @@ class FederatedLoop:
         """Train this rank's share of the cohort, gate every update, let the accepted clients
         keep their state, aggregate and feed back."""
         cohort = admitted.cohort
+        self.strategy.start_round(round_index, list(cohort.clients), self.seed)
         mine = cohort.subset([slot for slot, client in enumerate(cohort.clients)
                               if self.ranks.owns(client)])
         trained = self.trainer.train_round(mine)
@@ -221,12 +253,17 @@ class FederatedLoop:
         row = RoundRow(clients=len(cohort.clients), aggregated=len(accepted),
                        rejected=screened.rejected, crashed=screened.crashed,
                        bytes_up=screened.bytes_up, bytes_down=screened.bytes_down,
-                       losses=tuple(update.loss for update in accepted))
+                       rows_up=screened.rows_up, losses=tuple(update.loss for update in accepted))
         if not accepted:
             log.warning("round %d: no valid update, the global model is unchanged", round_index)
             return row
-        if not aggregate_or_roll_back(self.strategy, accepted, self.parts.dense,
-                                      self.server_tables, self.ranks):
+        try:
+            applied = aggregate_or_roll_back(self.strategy, accepted, self.parts.dense,
+                                             self.server_tables, self.ranks)
+        except RoundFailed as failed:
+            log.warning("round %d: %s; the global model is unchanged", round_index, failed)
+            return row + RoundRow(failed=1)
+        if not applied:
             row += RoundRow(skipped=1)
             log.warning("round %d: aggregation gave NaN/Inf weights; the round's update was "
                         "discarded (lower the server learning rate or use a robust strategy)",
@@ -254,6 +291,9 @@ class FederatedLoop:
             "rejected": rounds.rejected,
             "crashed": rounds.crashed,
         }
+        epsilon = self.privacy.epsilon(round_index)
+        if epsilon is not None:
+            row["epsilon"] = round(epsilon, 4)
         if self.admission.sim_time_s is not None:
             row.update(sim_time_s=round(self.admission.sim_time_s, 3), dropped=rounds.dropped,
                        stragglers=rounds.stragglers, skipped_rounds=rounds.skipped)
@@ -282,11 +322,24 @@ class FederatedLoop:
         final.update(bytes_up_total=totals.bytes_up, bytes_down_total=totals.bytes_down,
                      bytes_up_per_round=totals.per_round("bytes_up"),
                      bytes_down_per_round=totals.per_round("bytes_down"),
-                     rejected_total=totals.rejected)
+                     rejected_total=totals.rejected, failed_total=totals.failed)
         if self.admission.sim_time_s is not None:
             final.update(sim_time_s=round(self.admission.sim_time_s, 3))
         final.update(self.held_out.summary(self.last))
+        if self.budget_spent_after is not None:
+            target = self.privacy.config.target_epsilon
+            final["stopped_early"] = (f"privacy budget: the next round would take epsilon past "
+                                      f"{target}; stopped after round {self.budget_spent_after}")
         return final
+
+    def server_learns(self) -> dict[str, Any]:
+        """What crossed from the clients to the server over the run (summary.json)."""
+        local = list(self.local_tables.initial) if self.local_tables else []
+        uploaded = [name for name in self.parts.tables if name not in local]
+        totals = self.totals + self.since_evaluation
+        return {**self.privacy.statement(uploaded, local, self.completed_rounds),
+                "rows_received_per_round": totals.per_round("rows_up"),
+                "bytes_received_per_round": totals.per_round("bytes_up")}
 
     def client_report(self) -> pl.DataFrame:
         """Per training client: raw id, train_rows, participation (rounds trained) and, from

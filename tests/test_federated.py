@@ -150,11 +150,12 @@ def test_fedprox_term_pulls_toward_the_global_weights(synthetic_data):
         assert pulled.tables[name].values.norm() < free.tables[name].values.norm()
 
 
-def _loop(data, seed: int = 0, systems=None, optimizers=None, **kwargs) -> FederatedLoop:
+def _loop(data, seed: int = 0, systems=None, optimizers=None, privacy=None,
+          **kwargs) -> FederatedLoop:
     config = FederatedConfig(**{"rounds": 4, "clients_per_round": 20, "eval_interval": 2,
                                 "batch_size": 16, **kwargs})
     return FederatedLoop(_module(data, seed, optimizers), data, config, seed=seed,
-                         systems=systems)
+                         systems=systems, privacy=privacy)
 
 
 def test_local_tables_never_leave_the_client(synthetic_data):

@@ -123,6 +123,20 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog)
     assert "round_000003.pt is unreadable" in caplog.text
 
 
+def stopped_and_resumed(build, directory: Path):
+    """A loop of 4 rounds stopped after 2 with a checkpoint in `directory`, and a fresh one
+    that loaded it (to run the last 2)."""
+    first = build()
+    first.hooks = LoopHooks(
+        on_checkpoint=lambda loop, r: save_checkpoint(directory, r, loop_state(loop), 5))
+    first.config.rounds = 2
+    first.run()
+    first.config.rounds = 4
+    second = build()
+    load_loop_state(second, load_latest(directory)[1])
+    return first, second
+
+
 def test_loop_state_round_trips_through_a_checkpoint_file(synthetic_data, tmp_path):
     """2 rounds, checkpoint, a fresh loop loads it and runs 2 more: the same as 4 at once,
     with local tables, kept Adam/Adagrad client state, Oort and a server optimizer."""
@@ -138,14 +152,7 @@ def test_loop_state_round_trips_through_a_checkpoint_file(synthetic_data, tmp_pa
 
     whole = build()
     expected = whole.run()
-    first = build()
-    first.hooks = LoopHooks(
-        on_checkpoint=lambda loop, r: save_checkpoint(tmp_path, r, loop_state(loop), 5))
-    first.config.rounds = 2
-    first.run()
-    first.config.rounds = 4
-    second = build()
-    load_loop_state(second, load_latest(tmp_path)[1])
+    first, second = stopped_and_resumed(build, tmp_path)
     assert second.trainer.optimizer_states.states  # the clients' Adam moments came back
     # clients.csv is written at the end from the last evaluation: a run resumed after its
     # last checkpoint evaluates nothing more and must still write it

@@ -164,10 +164,10 @@ def test_mismatched_shapes_raise_a_named_error():
         FedAvg().aggregate([], _server())
 
 
-def test_row_means_of_several_tables_at_once_by_hand():
-    """Two tables of one width averaged together must not mix rows with equal ids, and a row
+def test_row_sums_of_several_tables_at_once_by_hand():
+    """Two tables of one width summed together must not mix rows with equal ids, and a row
     id beyond its table is refused rather than landing in the next table."""
-    from fltoolkit.strategies.base import AggregationError, weighted_row_means
+    from fltoolkit.strategies.base import AggregationError, weighted_row_sums
 
     tables = {"a": torch.zeros(3, 1), "b": torch.zeros(2, 1), "wide": torch.zeros(2, 2)}
     one = ClientUpdate(client=0, num_samples=1, loss=0.0, dense=torch.zeros(1), tables={
@@ -176,27 +176,26 @@ def test_row_means_of_several_tables_at_once_by_hand():
     other = ClientUpdate(client=1, num_samples=3, loss=0.0, dense=torch.zeros(1), tables={
         "a": SparseRows(torch.tensor([2]), torch.tensor([[6.0]])),
         "wide": SparseRows(torch.tensor([1]), torch.tensor([[1.0, 2.0]]))})
-    means = weighted_row_means([one, other], torch.tensor([1.0, 3.0]), tables)
-    assert means["a"].ids.tolist() == [0, 2]
-    assert means["a"].mean.tolist() == [[1.0], [(1 * 2.0 + 3 * 6.0) / 4]]  # 5.0
-    assert means["b"].ids.tolist() == [0] and means["b"].mean.tolist() == [[10.0]]
-    assert means["wide"].mean.tolist() == [[1.0, 2.0]]
-    spread = weighted_row_means([one, other], torch.tensor([1.0, 3.0]), tables,
-                                touched_only=False)
-    assert spread["b"].mean.tolist() == [[10.0 / 4]]
+    sums = weighted_row_sums([one, other], torch.tensor([1.0, 3.0]), tables)
+    assert sums["a"].ids.tolist() == [0, 2]
+    assert sums["a"].values.tolist() == [[1.0], [1 * 2.0 + 3 * 6.0]]
+    assert sums["a"].weights.tolist() == [1.0, 4.0]
+    assert sums["b"].ids.tolist() == [0] and sums["b"].values.tolist() == [[10.0]]
+    assert sums["b"].weights.tolist() == [1.0]
+    assert sums["wide"].values.tolist() == [[3.0, 6.0]] and sums["wide"].weights.tolist() == [3.0]
     beyond = ClientUpdate(client=2, num_samples=1, loss=0.0, dense=torch.zeros(1), tables={
         "a": SparseRows(torch.tensor([3]), torch.tensor([[1.0]]))})  # row 0 of "b" if offset
     with pytest.raises(AggregationError, match="row ids outside"):
-        weighted_row_means([beyond], torch.tensor([1.0]), tables)
+        weighted_row_sums([beyond], torch.tensor([1.0]), tables)
 
 
-def test_row_means_over_the_round_layout_equal_those_over_plain_updates(synthetic_data):
+def test_row_sums_over_the_round_layout_equal_those_over_plain_updates(synthetic_data):
     """The trainer's updates read one whole-round layout (ClientRows over RoundRows), which
-    FedAvg reduces in a few ops per table: the same means, bit for bit, as over the same
+    FedAvg reduces in a few ops per table: the same sums, bit for bit, as over the same
     updates as plain dicts, for the whole round and for a subset (rejected clients)."""
     from dataclasses import replace
 
-    from fltoolkit.strategies.base import weighted_row_means
+    from fltoolkit.strategies.base import weighted_row_sums
     from fltoolkit.training.updates import ClientRows, shared_round, table_ids
     from tests.test_federated import _loop
 
@@ -210,11 +209,11 @@ def test_row_means_over_the_round_layout_equal_those_over_plain_updates(syntheti
         plain = [replace(u, tables=dict(u.tables.items())) for u in chosen]
         assert shared_round(plain) is None
         weights = torch.rand(len(chosen))
-        fast = weighted_row_means(chosen, weights, tables)
-        slow = weighted_row_means(plain, weights, tables)
+        fast = weighted_row_sums(chosen, weights, tables)
+        slow = weighted_row_sums(plain, weights, tables)
         assert fast.keys() == slow.keys()
-        for name, mean in slow.items():
-            assert torch.equal(fast[name].ids, mean.ids)
-            assert torch.equal(fast[name].mean, mean.mean)
+        for name, summed in slow.items():
+            for got, expected in zip(fast[name], summed, strict=True):
+                assert torch.equal(got, expected)
             assert torch.equal(table_ids(chosen, name), table_ids(plain, name))
         assert [u.upload_bytes() for u in chosen] == [u.upload_bytes() for u in plain]

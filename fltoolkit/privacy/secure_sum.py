@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fltoolkit.strategies.base import RoundFailed
+
 MIN_BITS, MAX_BITS = 8, 62  # up to 62 bits, two ring values add without leaving int64
 
 KEY_BYTES = 32  # an X25519 public key; a client advertises two (encryption, masking)
@@ -28,7 +30,7 @@ ENVELOPE_BYTES = 36  # an encrypted message's ids (4 + 4), AES-GCM nonce (12) an
 ID_BYTES = 4  # the client whose share a survivor sends in the unmasking round
 
 
-class SecureAggregationFailed(RuntimeError):
+class SecureAggregationFailed(RoundFailed):
     """Too few share holders survived to remove the masks: the round yields no sum."""
 
 

@@ -181,7 +181,8 @@ def _loop(cli: Any, datamodule: CTRDataModule, sharded: ShardedTables | None, ra
     loop = FederatedLoop(cli.model, datamodule.data, cli.config_init["federated"],
                          seed=cli.config.seed, eval_batch_size=datamodule.eval_batch_size,
                          systems=cli.config_init["systems"], ranks=ranks,
-                         sharded_tables=sharded, hooks=hooks)
+                         sharded_tables=sharded, hooks=hooks,
+                         privacy=cli.config_init["privacy"])
     if ranks.distributed:
         log.info("%d ranks share each cohort (backend %s)", ranks.world_size,
                  torch.distributed.get_backend())
@@ -226,6 +227,7 @@ def _train_federated(cli: Any, datamodule: CTRDataModule, sharded: ShardedTables
                    "local_tables": list(loop.local_tables.initial) if loop.local_tables else [],
                    "selector": type(loop.selector).__name__,
                    "trainer": type(loop.trainer).__name__,
+                   "server_learns": loop.server_learns(),
                    **cli.config_init["report"].to_target(loop.history)}
 
 

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import experiments
 from datamodules.base import CTRDataModule, DataError
+from fltoolkit.privacy.config import PrivacyConfig
 from fltoolkit.reports.config import ReportConfig
 from fltoolkit.reports.run_dir import RunDirectoryError
 from fltoolkit.run.centralized import CentralizedConfig
@@ -115,6 +116,7 @@ class FltkCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(FederatedConfig, "federated")
         parser.add_class_arguments(SystemsConfig, "systems")
+        parser.add_class_arguments(PrivacyConfig, "privacy")
         parser.add_class_arguments(ReportConfig, "report")
         parser.add_class_arguments(CentralizedConfig, "centralized")
         parser.link_arguments("seed", "data.init_args.seed")

@@ -19,12 +19,17 @@ def aggregate_or_roll_back(strategy: Strategy, updates: list[ClientUpdate],
     """Apply the strategy to the dense parameters and the tables (or shards) this rank holds.
 
     If the new global weights are not finite on any rank, put back the old ones (only the
-    rows the round touched can have changed) and return False.
+    rows the round touched can have changed, unless the strategy moves every row) and return
+    False.
     """
     tables = server_tables.owned()
     updates = [server_tables.owned_part(update) for update in updates]
-    touched = {name: torch.unique(ids) for name in tables
-               if (ids := table_ids(updates, name)) is not None}
+    if strategy.moves_every_row:
+        touched = {name: torch.arange(table.shape[0], device=table.device)
+                   for name, table in tables.items()}
+    else:
+        touched = {name: torch.unique(ids) for name in tables
+                   if (ids := table_ids(updates, name)) is not None}
     before = {name: tables[name][ids].clone() for name, ids in touched.items()}
     server = ServerModel(parameters_to_vector(dense).detach().clone(), tables)
     strategy.aggregate(updates, server)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,6 +27,11 @@ class AggregationError(ValueError):
     """Updates that cannot be aggregated (mismatched shapes or tables, no updates)."""
 
 
+class RoundFailed(RuntimeError):
+    """The strategy's protocol yields no aggregate this round (e.g. too few secure-aggregation
+    survivors): the global model stays as it was and the round is counted as failed."""
+
+
 @dataclass
 class ServerModel:
     """Views of the global model's parameters that strategies update in place.
@@ -41,33 +46,39 @@ class ServerModel:
     tables: dict[str, Tensor]
 
 
-@dataclass(frozen=True)
-class RowAverage:
-    """A weighted mean of the clients' deltas of one table, over the rows they touched."""
+class RowSum(NamedTuple):
+    """A weighted sum of one table's row deltas over the clients that touched each row.
+
+    Attributes:
+        ids: [U] sorted row ids that some client touched.
+        values: [U, E] sum over the clients k that touched row r of w_k * delta_k[r].
+        weights: [U] sum of those clients' w_k (a row's touched-only denominator).
+    """
 
     ids: Tensor
-    mean: Tensor
+    values: Tensor
+    weights: Tensor
 
 
-def weighted_dense_mean(updates: list[ClientUpdate], weights: Tensor) -> Tensor:
-    """sum_k w_k * delta_k / sum_k w_k over the dense deltas.
+def weighted_dense_sum(updates: list[ClientUpdate], weights: Tensor) -> Tensor:
+    """sum_k w_k * delta_k over the dense deltas.
 
     Accumulated in place: stacking 1000 clients' deltas would double the round's memory.
     """
     total = torch.zeros_like(updates[0].dense)
     for update, weight in zip(updates, weights.tolist(), strict=True):
         total.add_(update.dense, alpha=weight)
-    return total / weights.sum()
+    return total
 
 
-def weighted_row_means(updates: list[ClientUpdate], weights: Tensor, tables: dict[str, Tensor],
-                       touched_only: bool = True) -> dict[str, RowAverage]:
-    """Row-wise weighted mean of each table's deltas (`tables`: the server's weights, for
-    their shapes), for the tables some update touched.
+def weighted_row_sums(updates: list[ClientUpdate], weights: Tensor, tables: dict[str, Tensor],
+                      scales: Tensor | None = None) -> dict[str, RowSum]:
+    """Row-wise weighted sums of each table's deltas (`tables`: the server's weights, for
+    their shapes), for the tables some update touched; with `scales`, client k's deltas
+    count as scales[k] * weights[k] * delta_k while its weight in the row's sum of weights
+    stays weights[k] (clipping that must not change the denominators).
 
-    With `touched_only`, row r's mean is sum_{k touched r} w_k delta_k[r] / sum_{k touched r} w_k;
-    otherwise the denominator is sum over all clients (untouched rows count as zero deltas).
-    Tables of one width are averaged together, their rows told apart by an offset, and
+    Tables of one width are summed together, their rows told apart by an offset, and
     updates that read one round layout (the trainer's) are reduced over its whole-round
     tensors: one unique and one index_add for the round, not a few small ops per client and
     table.
@@ -76,10 +87,11 @@ def weighted_row_means(updates: list[ClientUpdate], weights: Tensor, tables: dic
     for name, weight in tables.items():
         by_width.setdefault(weight.shape[1], []).append(name)
     shared = shared_round(updates)
-    means = {}
+    sums = {}
     for names in by_width.values():
-        pieces = (_round_pieces(updates, weights, shared, names) if shared is not None
-                  else _client_pieces(updates, weights, names))
+        both = torch.stack([weights, weights if scales is None else weights * scales], 1)
+        pieces = (_round_pieces(updates, both, shared, names) if shared is not None
+                  else _client_pieces(updates, both, names))
         if pieces is None:
             continue
         table, ids, values, row_weight = pieces
@@ -89,22 +101,17 @@ def weighted_row_means(updates: list[ClientUpdate], weights: Tensor, tables: dic
             raise AggregationError(f"row ids outside the tables {names} in an update")
         unique, inverse = torch.unique(ids + offsets[table], return_inverse=True)
         total = values.new_zeros(unique.numel(), values.shape[1])
-        total.index_add_(0, inverse, values * row_weight[:, None])
-        if touched_only:
-            denominator = values.new_zeros(unique.numel())
-            denominator.index_add_(0, inverse, row_weight)
-        else:
-            denominator = weights.sum().expand(unique.numel())
-        mean = total / denominator[:, None]
+        total.index_add_(0, inverse, values * row_weight[:, 1:])
+        denominator = values.new_zeros(unique.numel()).index_add_(0, inverse, row_weight[:, 0])
         bounds = torch.searchsorted(unique, offsets).tolist()
         for i, name in enumerate(names):
             if bounds[i + 1] > bounds[i]:
                 rows = slice(bounds[i], bounds[i + 1])
-                means[name] = RowAverage(unique[rows] - offsets[i], mean[rows])
-    return means
+                sums[name] = RowSum(unique[rows] - offsets[i], total[rows], denominator[rows])
+    return sums
 
 
-Pieces = tuple[Tensor, Tensor, Tensor, Tensor]  # per row: table index, id, delta, weight
+Pieces = tuple[Tensor, Tensor, Tensor, Tensor]  # per row: table index, id, delta, weights
 
 
 def _client_pieces(updates: list[ClientUpdate], weights: Tensor, names: list[str]
@@ -120,7 +127,7 @@ def _client_pieces(updates: list[ClientUpdate], weights: Tensor, names: list[str
                                     counts)
     return (table, torch.cat([rows.ids for _, _, rows in pieces]),
             torch.cat([rows.values for _, _, rows in pieces]),
-            torch.repeat_interleave(weights[[k for k, _, _ in pieces]], counts))
+            torch.repeat_interleave(weights[[k for k, _, _ in pieces]], counts, dim=0))
 
 
 def _round_pieces(updates: list[ClientUpdate], weights: Tensor,
@@ -134,7 +141,7 @@ def _round_pieces(updates: list[ClientUpdate], weights: Tensor,
     device = weights.device
     clients = len(present[0][1].bounds) - 1
     slots = torch.tensor([u.tables.slot for u in updates], device=device)
-    weight_of = weights.new_zeros(clients).index_copy_(0, slots, weights)
+    weight_of = weights.new_zeros(clients, *weights.shape[1:]).index_copy_(0, slots, weights)
     everyone = len(updates) == clients
     kept_of = torch.zeros(clients, dtype=torch.bool, device=device).index_fill_(0, slots, True)
     parts = []
@@ -185,10 +192,24 @@ def check_updates(updates: list[ClientUpdate], server: ServerModel) -> None:
                     f"{tuple(rows.values.shape)}, expected ({rows.ids.numel()}, {width})")
 
 
+class Uploads(NamedTuple):
+    """What a round's updates put on the clients' uplinks: bytes, and the row deltas the
+    server receives."""
+
+    bytes: int
+    rows: int
+
+
+def plain_uploads(updates: list[ClientUpdate]) -> Uploads:
+    """What `updates` cost to send as they are: each client's own update."""
+    return Uploads(sum(u.upload_bytes() for u in updates), sum(u.num_rows() for u in updates))
+
+
 class Strategy(ABC):
     """Server side of a federated algorithm. Subclasses set `name` and implement `aggregate`."""
 
     name = "strategy"
+    moves_every_row = False  # True: a step may change rows no update touched (DP noise)
 
     @abstractmethod
     def aggregate(self, updates: list[ClientUpdate], server: ServerModel) -> None:
@@ -204,6 +225,16 @@ class Strategy(ABC):
         lines += [f"  {key}: {value}" for key, value in self.hyperparameters().items()]
         return "\n".join(lines)
 
+    def uploads(self, updates: list[ClientUpdate]) -> Uploads:
+        """What `updates` cost to send under this strategy's protocol."""
+        return plain_uploads(updates)
+
+    def start_round(self, round_index: int, cohort: list[int], seed: int) -> None:
+        """Called before the cohort trains: for protocols that start with the cohort (secure
+        aggregation's key agreement) or draw the round's randomness (DP noise) from the
+        run's seed, so that a resumed run draws the same."""
+        return
+
     def state_dict(self) -> dict[str, Any]:
         """Server optimizer state (for checkpoints); stateless strategies return {}."""
         return {}
@@ -213,11 +244,9 @@ class Strategy(ABC):
         return
 
 
-def apply_rows(table: Tensor, rows: SparseRows | RowAverage, scale: float = 1.0) -> None:
+def apply_rows(table: Tensor, rows: SparseRows, scale: float = 1.0) -> None:
     """table[ids] += scale * values, in place."""
-    ids = rows.ids
-    values = rows.values if isinstance(rows, SparseRows) else rows.mean
-    table.index_add_(0, ids, values, alpha=scale)
+    table.index_add_(0, rows.ids, rows.values, alpha=scale)
 
 
 class StrategyWrapper(Strategy):
@@ -236,6 +265,10 @@ class StrategyWrapper(Strategy):
     def name(self) -> str:  # type: ignore[override]
         return f"{type(self).__name__}({self.strategy.name})"
 
+    @property
+    def moves_every_row(self) -> bool:  # type: ignore[override]
+        return self.strategy.moves_every_row
+
     def own_hyperparameters(self) -> dict[str, Any]:
         """This wrapper's knobs (the inner strategy's are listed under `strategy`)."""
         return {}
@@ -243,6 +276,12 @@ class StrategyWrapper(Strategy):
     def hyperparameters(self) -> dict[str, Any]:
         return {**self.own_hyperparameters(), "strategy": self.strategy.name,
                 **{f"strategy.{k}": v for k, v in self.strategy.hyperparameters().items()}}
+
+    def uploads(self, updates: list[ClientUpdate]) -> Uploads:
+        return self.strategy.uploads(updates)
+
+    def start_round(self, round_index: int, cohort: list[int], seed: int) -> None:
+        self.strategy.start_round(round_index, cohort, seed)
 
     def state_dict(self) -> dict[str, Any]:
         return self.strategy.state_dict()

@@ -5,24 +5,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
-from fltoolkit.strategies.base import (
-    RowAverage,
-    ServerModel,
-    Strategy,
-    apply_rows,
-    check_updates,
-    weighted_dense_mean,
-    weighted_row_means,
-)
-from fltoolkit.training.updates import ClientUpdate
+from fltoolkit.strategies.base import ServerModel, apply_rows
+from fltoolkit.strategies.sums import Contribution, SumStrategy, UpdateSum
+from fltoolkit.training.updates import ClientUpdate, SparseRows
 
 SparseWeighting = Literal["touched", "global"]
 
 
-class FedAvg(Strategy):
+class FedAvg(SumStrategy):
     """w <- w + server_lr * (sum_k n_k delta_k / sum_k n_k).
 
     Args:
@@ -48,24 +40,22 @@ class FedAvg(Strategy):
         return {"server_lr": self.server_lr, "sparse_weighting": self.sparse_weighting,
                 "weighted": self.weighted}
 
-    def client_weights(self, updates: list[ClientUpdate]) -> Tensor:
-        device = updates[0].dense.device
-        if self.weighted:
-            return torch.tensor([float(u.num_samples) for u in updates], device=device)
-        return torch.ones(len(updates), device=device)
+    def contributions(self, updates: list[ClientUpdate]) -> list[Contribution]:
+        return [Contribution(u, float(u.num_samples) if self.weighted else 1.0)
+                for u in updates]
 
-    def average(self, updates: list[ClientUpdate], server: ServerModel
-                ) -> tuple[Tensor, dict[str, RowAverage]]:
+    def mean(self, total: UpdateSum) -> tuple[Tensor, dict[str, SparseRows]]:
         """The weighted mean delta: dense, and row-wise per table."""
-        check_updates(updates, server)
-        weights = self.client_weights(updates)
-        dense = weighted_dense_mean(updates, weights)
-        touched_only = self.sparse_weighting == "touched"
-        rows = weighted_row_means(updates, weights, server.tables, touched_only)
+        dense = total.dense / total.weight
+        rows = {}
+        for table, summed in total.rows.items():
+            denominator = (summed.weights[:, None] if self.sparse_weighting == "touched"
+                           else total.weight)
+            rows[table] = SparseRows(summed.ids, summed.values / denominator)
         return dense, rows
 
-    def aggregate(self, updates: list[ClientUpdate], server: ServerModel) -> None:
-        dense, rows = self.average(updates, server)
+    def apply_sum(self, total: UpdateSum, server: ServerModel) -> None:
+        dense, rows = self.mean(total)
         server.dense.add_(dense, alpha=self.server_lr)
-        for table, average in rows.items():
-            apply_rows(server.tables[table], average, self.server_lr)
+        for table, mean in rows.items():
+            apply_rows(server.tables[table], mean, self.server_lr)

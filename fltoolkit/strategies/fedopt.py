@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fltoolkit.strategies.base import ServerModel
 from fltoolkit.strategies.fedavg import FedAvg, SparseWeighting
-from fltoolkit.training.updates import ClientUpdate
+from fltoolkit.strategies.sums import UpdateSum
 
 
 class ServerOptimizer(FedAvg):
@@ -50,8 +50,8 @@ class ServerOptimizer(FedAvg):
             self.moments[name] = self.initial_moments(like)
         return self.moments[name]
 
-    def aggregate(self, updates: list[ClientUpdate], server: ServerModel) -> None:
-        dense, rows = self.average(updates, server)
+    def apply_sum(self, total: UpdateSum, server: ServerModel) -> None:
+        dense, rows = self.mean(total)
         state = self._moments("dense", server.dense)
         update, new = self.step(dense, state)
         state.update(new)
@@ -59,7 +59,7 @@ class ServerOptimizer(FedAvg):
         for table, average in rows.items():
             state = self._moments(table, server.tables[table])
             ids = average.ids
-            update, new = self.step(average.mean, {k: v[ids] for k, v in state.items()})
+            update, new = self.step(average.values, {k: v[ids] for k, v in state.items()})
             for key, value in new.items():
                 state[key][ids] = value
             server.tables[table].index_add_(0, ids, update)

@@ -95,6 +95,10 @@ class ClientRows(Mapping[str, SparseRows]):
     def __len__(self) -> int:
         return len(self.round)
 
+    def num_rows(self) -> int:
+        return sum(rows.bounds[self.slot + 1] - rows.bounds[self.slot]
+                   for rows in self.round.values())
+
     def num_bytes(self) -> int:
         """Bytes of every row and its id."""
         total = 0
@@ -128,6 +132,21 @@ def table_ids(updates: Sequence[ClientUpdate], table: str) -> Tensor | None:
         return rows.ids[kept[rows.owners()]]
     parts = [u.tables[table].ids for u in updates if table in u.tables]
     return torch.cat(parts) if parts else None
+
+
+def squared_norms(updates: Sequence[ClientUpdate]) -> Tensor:
+    """[K] float64 squared L2 norm of each whole update (ClientUpdate.squared_norm), reduced
+    over the round layout's whole-round tensors when the updates share one."""
+    shared = shared_round(updates)
+    if shared is None:
+        return torch.tensor([u.squared_norm() for u in updates], dtype=torch.float64)
+    squares = torch.stack([u.dense.double().square().sum() for u in updates])
+    if shared:
+        per_slot = squares.new_zeros(len(next(iter(shared.values())).bounds) - 1)
+        for rows in shared.values():
+            per_slot.index_add_(0, rows.owners(), rows.values.double().square().sum(1))
+        squares += per_slot[[u.tables.slot for u in updates]]
+    return squares
 
 
 def find_sorted(sorted_keys: Tensor, wanted: Tensor) -> tuple[Tensor, Tensor]:
@@ -175,6 +194,12 @@ class ClientUpdate:
         if isinstance(self.tables, ClientRows):
             return dense + self.tables.num_bytes()
         return dense + sum(rows.num_bytes() for rows in self.tables.values())
+
+    def num_rows(self) -> int:
+        """Row deltas sent, over every table."""
+        if isinstance(self.tables, ClientRows):
+            return self.tables.num_rows()
+        return sum(rows.ids.numel() for rows in self.tables.values())
 
     def squared_norm(self) -> float:
         """Squared L2 norm of the whole update: the dense delta and every row sent, together
