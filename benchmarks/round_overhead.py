@@ -40,8 +40,10 @@ def _default_experiment() -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def _setup(rows: int, table_rows: int, clients_per_round: int, vectorize: bool = False):
-    """The default experiment's model and local schedule, with every table >= table_rows."""
+def _setup(rows: int, table_rows: int, clients_per_round: int, vectorize: bool = False,
+           privacy=None):
+    """The default experiment's model and local schedule, with every table >= table_rows
+    (and `privacy`, a PrivacyConfig, if given)."""
     from datamodules.taobao import TaobaoDataModule
     from fltoolkit.loop import FederatedLoop
     from fltoolkit.run.config import FederatedConfig
@@ -61,7 +63,7 @@ def _setup(rows: int, table_rows: int, clients_per_round: int, vectorize: bool =
     config = FederatedConfig(clients_per_round=clients_per_round, rounds=1,
                              batch_size=federated["batch_size"],
                              local_epochs=federated["local_epochs"], vectorize=vectorize)
-    return dm, module, FederatedLoop(module, dm.data, config, seed=0)
+    return dm, module, FederatedLoop(module, dm.data, config, seed=0, privacy=privacy)
 
 
 class _StepTimes:

@@ -28,3 +28,17 @@ def test_full_pass_trains_every_client_once_and_reports(tmp_path, monkeypatch, c
                 "vectorized_over_sequential", "peak_rss_mb"):
         assert figures[key] is not None, key
     assert not any(tmp_path.iterdir())  # the generated data is removed
+
+
+def test_privacy_utility_runs_each_budget_and_reports(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import privacy_utility
+
+    figures = privacy_utility.main(["--rows", "5000", "--rounds", "4", "--epsilons", "50"])
+
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == {"benchmark": "privacy_utility", **figures}
+    runs = figures["runs"]
+    assert list(runs) == ["no_dp", "clipping_only", "epsilon_50"]
+    assert runs["no_dp"]["epsilon"] is None and math.isinf(runs["clipping_only"]["epsilon"])
+    assert 0 < runs["epsilon_50"]["epsilon"] <= 50 and runs["epsilon_50"]["noise_multiplier"] > 0

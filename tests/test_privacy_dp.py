@@ -52,6 +52,14 @@ def test_the_mean_divides_by_the_expected_cohort_not_by_the_clients_or_samples()
     assert server.tables["t"].flatten().tolist() == pytest.approx([0, 0, 0.2, 0], abs=1e-6)
 
 
+def test_rows_can_have_their_own_fixed_denominator():
+    """row_denominator 1: the rows' sums undivided (row 2: 0.8), the dense mean still / 4."""
+    server = _server()
+    _quiet(row_denominator=1.0).aggregate(_updates(), server)
+    assert server.dense.tolist() == pytest.approx([0.9 / 4, 0.4 / 4], abs=1e-6)
+    assert server.tables["t"].flatten().tolist() == pytest.approx([0, 0, 0.8, 0], abs=1e-6)
+
+
 def test_noise_covers_every_row_of_a_million_row_table_with_the_stated_std():
     """No client touched the table: every row still moves, by noise of std z C / m."""
     dp = DifferentialPrivacy(FedAvg(), noise_multiplier=1.5, clip_norm=2.0, expected_clients=5)

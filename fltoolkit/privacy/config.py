@@ -18,6 +18,10 @@ class PrivacyConfig:
         clip_norm: bound on the L2 norm of each client's whole update (dense delta and every
             row delta): DP's sensitivity, and secure aggregation's quantization range. With
             `target_quantile` it is the first round's bound.
+        row_denominator: what table rows' noised sums are divided by (default
+            clients_per_round, DP-FedAvg's fixed denominator). A row is touched by a few
+            clients of the cohort, so that moves it far less than FedAvg's touched-only mean;
+            a smaller constant keeps the guarantee and moves rows more, noise included.
         target_quantile: adaptive clipping (Andrew et al. 2021): the bound tracks this
             quantile of the clients' update norms (0.5 in the paper); unset: fixed bound.
         clip_learning_rate: adaptive clipping's step on the bound (0.2 in the paper).
@@ -44,6 +48,7 @@ class PrivacyConfig:
 
     noise_multiplier: float | None = None
     clip_norm: float = 1.0
+    row_denominator: float | None = None
     target_quantile: float | None = None
     clip_learning_rate: float = 0.2
     count_noise: float | None = None
@@ -67,7 +72,7 @@ class PrivacyConfig:
         if self.target_epsilon is not None and self.noise_multiplier is None:
             raise ValueError("privacy.target_epsilon needs privacy.noise_multiplier (DP on)")
         dp_only = {"target_quantile": self.target_quantile, "count_noise": self.count_noise,
-                   "delta": self.delta}
+                   "delta": self.delta, "row_denominator": self.row_denominator}
         given = [key for key, value in dp_only.items() if value is not None]
         if given and self.noise_multiplier is None:
             raise ValueError(f"privacy.{given[0]} is a DP setting: set privacy.noise_multiplier")

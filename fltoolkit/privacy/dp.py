@@ -36,6 +36,11 @@ class DifferentialPrivacy(StrategyWrapper, SumStrategy):
         clip_norm: C, the bound on each client's update norm (the first round's with
             adaptive clipping).
         expected_clients: the fixed denominator of the mean: the expected cohort size.
+        row_denominator: the fixed denominator of table rows' means (default
+            expected_clients). A row is touched by a few of the cohort, so dividing its sum by
+            the cohort size moves it much less than FedAvg's touched-only mean; any constant
+            keeps the guarantee (it does not depend on the data), at the price of the noise
+            it divides less.
         target_quantile: adaptive clipping: the fraction of clients whose update norm C
             should bound (the paper uses 0.5); None keeps C fixed.
         clip_learning_rate: adaptive clipping's geometric step eta_C (0.2 in the paper).
@@ -46,12 +51,15 @@ class DifferentialPrivacy(StrategyWrapper, SumStrategy):
     """
 
     def __init__(self, strategy: SumStrategy, *, noise_multiplier: float, clip_norm: float,
-                 expected_clients: float, target_quantile: float | None = None,
+                 expected_clients: float, row_denominator: float | None = None,
+                 target_quantile: float | None = None,
                  clip_learning_rate: float = 0.2, count_noise: float | None = None) -> None:
         require_sums(strategy, "differential privacy",
                      "it steps with a noised sum and never sees individual updates")
         super().__init__(strategy)
-        for name, value in (("clip_norm", clip_norm), ("expected_clients", expected_clients)):
+        row_denominator = row_denominator or expected_clients
+        for name, value in (("clip_norm", clip_norm), ("expected_clients", expected_clients),
+                            ("row_denominator", row_denominator)):
             if not value > 0:
                 raise ValueError(f"privacy.{name} must be > 0, got {value}")
         if not noise_multiplier >= 0:
@@ -59,7 +67,7 @@ class DifferentialPrivacy(StrategyWrapper, SumStrategy):
         if target_quantile is not None and not 0 < target_quantile < 1:
             raise ValueError(f"privacy.target_quantile must be in (0, 1), got {target_quantile}")
         self.noise_multiplier, self.clip_norm = noise_multiplier, clip_norm
-        self.expected_clients = expected_clients
+        self.expected_clients, self.row_denominator = expected_clients, row_denominator
         self.target_quantile, self.clip_learning_rate = target_quantile, clip_learning_rate
         self.count_noise = (expected_clients / 20 if count_noise is None else count_noise)
         if self.adaptive and not 2 * self.count_noise > noise_multiplier:
@@ -85,6 +93,7 @@ class DifferentialPrivacy(StrategyWrapper, SumStrategy):
     def own_hyperparameters(self) -> dict[str, Any]:
         return {"noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm,
                 "expected_clients": self.expected_clients,
+                "row_denominator": self.row_denominator,
                 "target_quantile": self.target_quantile,
                 "clip_learning_rate": self.clip_learning_rate, "count_noise": self.count_noise}
 
@@ -112,7 +121,7 @@ class DifferentialPrivacy(StrategyWrapper, SumStrategy):
         noised = (self._noised(total, server, std, generator) if std > 0 else
                   UpdateSum(total.dense, self.expected_clients,
                             {name: rows._replace(weights=torch.full_like(rows.weights,
-                                                                          self.expected_clients))
+                                                                          self.row_denominator))
                              for name, rows in total.rows.items()}, total.clients))
         self.strategy.apply_sum(noised, server)
         if self.adaptive:
@@ -121,7 +130,7 @@ class DifferentialPrivacy(StrategyWrapper, SumStrategy):
     def _noised(self, total: UpdateSum, server: ServerModel, std: float,
                 generator: torch.Generator) -> UpdateSum:
         """The sum plus N(0, std^2) on the dense vector and every row of every shared table,
-        every row weighted by the fixed denominator."""
+        every row weighted by the rows' fixed denominator."""
         dense = total.dense + std * torch.randn(total.dense.shape, generator=generator,
                                                 device=total.dense.device)
         rows = {}
@@ -131,7 +140,7 @@ class DifferentialPrivacy(StrategyWrapper, SumStrategy):
                 noised.index_add_(0, total.rows[name].ids, total.rows[name].values)
             every = torch.arange(table.shape[0], device=table.device)
             rows[name] = RowSum(every, noised, noised.new_full((table.shape[0],),
-                                                               self.expected_clients))
+                                                               self.row_denominator))
         return UpdateSum(dense, self.expected_clients, rows, total.clients)
 
     def _adapt_clip_norm(self, unclipped: float, generator: torch.Generator) -> None:

@@ -67,7 +67,8 @@ class PrivacyPlan:
                                   "without noise epsilon is infinite")
             strategy = self.dp = DifferentialPrivacy(
                 strategy, noise_multiplier=config.noise_multiplier, clip_norm=config.clip_norm,
-                expected_clients=clients_per_round, target_quantile=config.target_quantile,
+                expected_clients=clients_per_round, row_denominator=config.row_denominator,
+                target_quantile=config.target_quantile,
                 clip_learning_rate=config.clip_learning_rate, count_noise=config.count_noise)
         if config.secure_aggregation:
             strategy = SecureAggregation(
