@@ -11,7 +11,9 @@ import torch
 
 from fltoolkit.privacy.config import PrivacyConfig
 from fltoolkit.privacy.secure_aggregation import SecureAggregation
+from fltoolkit.reports.config import ReportConfig
 from fltoolkit.run.config import ConfigError
+from fltoolkit.run.summary import summary
 from fltoolkit.selection import Oort, PoissonSelector
 from fltoolkit.strategies import CoordinateMedian
 from fltoolkit.strategies.sums import UpdateSum
@@ -84,6 +86,8 @@ def test_the_run_stops_before_the_round_that_would_pass_the_budget(synthetic_dat
     assert loop.completed_rounds == 7 and final["round"] == 7
     assert final["epsilon"] == pytest.approx(epsilon(7), abs=1e-4)
     assert "privacy budget" in final["stopped_early"]
+    kept = summary("synthetic", {}, final, {}, ReportConfig(), loop.module, None, 1.0)
+    assert kept["stopped_early"] == final["stopped_early"]  # summary.json, so the report
 
 
 @pytest.mark.parametrize(("kwargs", "privacy", "message"), [

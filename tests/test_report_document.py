@@ -36,6 +36,21 @@ SUMMARY = {"mode": "federated", "strategy": "FedAvg", "selector": "Oort", "round
            "auc": 0.7365, "logloss": 0.18, "ne": 0.95, "gauc": 0.6, "calibration": 1.2,
            "bytes_up_total": 1396103880, "sim_time_s": 105.44, "rounds_to_target": None,
            "oracle_auc": 0.8258, "baseline_auc": 0.6164, "num_train": 174793}
+SERVER_LEARNS = {
+    "server_receives": "only the sum of the cohort's clipped, quantized updates",
+    "row_ids": "the union of the cohort's touched rows per table",
+    "per_client_in_clear": ["sample count", "training loss"],
+    "tables_uploaded": ["item", "category"], "tables_local": ["user"],
+    "local_tables_stay_local": True,
+    "rows_received_per_round": 1713, "bytes_received_per_round": 2339388,
+}
+DP = {"epsilon": 1.4612, "delta": 0.000115, "noise_multiplier": 0.5, "clip_norm": 1.0,
+      "last_clip_norm": 0.8123, "adaptive_clipping": True, "accountant": "pld",
+      "epsilon_rdp": 3.0911, "sampling": {"kind": "poisson", "rate": 0.0023},
+      "guarantee_holds": True}
+UNACCOUNTED = {**DP, "adaptive_clipping": False, "accountant": "rdp", "epsilon_rdp": None,
+               "sampling": None, "guarantee_holds": False,
+               "why_not": "Oort does not sample clients at random"}
 
 
 @dataclass
@@ -105,6 +120,51 @@ def test_run_report_markdown_links_the_plot_and_lists_what_ran(finished):
     assert "oracle AUC 0.8258 (planted model); this run is 0.0893 below it" in text
     assert "popularity baseline AUC 0.6164" in text
     assert "over_commit" not in text  # systems is disabled: only that is said
+    assert "What the server learns" not in text  # a run from before summary.json said it
+
+
+def test_run_report_says_what_the_server_learns_and_the_epsilon_that_holds(tmp_path):
+    summary = SUMMARY | {"server_learns": SERVER_LEARNS | {"differential_privacy": DP}}
+    record, plot = make_run(tmp_path, "private", summary)
+    text = write_run_report(record, [plot])[0].read_text()
+    for row in ("| receives | only the sum of the cohort's clipped, quantized updates |",
+                "| in the clear per client | sample count, training loss |",
+                "| tables uploaded | item, category |", "| tables kept local | user |",
+                "| local tables stay local | true |", "| rows received per round | 1,713 |",
+                "| bytes received per round | 2.3 MB |",
+                "| epsilon | 1.461 at delta 0.000115 |",
+                "| accountant | pld (RDP gives epsilon 3.091) |", "| noise multiplier | 0.5 |",
+                "| clip norm | 1 at the start, 0.8123 at the end (adaptive) |",
+                "| client sampling | poisson, rate 0.0023 |", "| guarantee holds | true |"):
+        assert row in text
+    assert "Warning" not in text and "Stopped early" not in text
+
+
+def test_an_epsilon_that_does_not_hold_is_a_warning_in_both_formats(tmp_path):
+    summary = SUMMARY | {"server_learns": SERVER_LEARNS | {"differential_privacy": UNACCOUNTED},
+                         "stopped_early": "privacy budget: stopped after round 7"}
+    record, plot = make_run(tmp_path, "unaccounted", summary)
+    markdown, page = write_run_report(record, [plot])
+    warning = ("epsilon 1.461 is reported but does not hold: Oort does not sample clients at "
+               "random.")
+    assert f"> **Warning:** {warning}" in markdown.read_text()
+    assert f'<p class="warning"><strong>Warning:</strong> {warning}</p>' in page.read_text()
+    for row in ("| accountant | rdp |", "| clip norm | 1 (fixed) |",
+                "| client sampling | none the accountant can assume |",
+                "| guarantee holds | false |",
+                "Stopped early: privacy budget: stopped after round 7"):
+        assert row in markdown.read_text()
+
+
+def test_clipping_without_noise_warns_that_nothing_bounds_epsilon(tmp_path):
+    no_noise = {**DP, "epsilon": float("inf"), "noise_multiplier": 0.0, "accountant": None,
+                "epsilon_rdp": None, "sampling": None, "guarantee_holds": False}
+    summary = SUMMARY | {"server_learns": SERVER_LEARNS | {"differential_privacy": no_noise}}
+    record, plot = make_run(tmp_path, "clip", summary)
+    text = write_run_report(record, [plot])[0].read_text()
+    assert ("> **Warning:** epsilon inf is reported but does not hold: no accountant bounds it "
+            "(noise multiplier 0).") in text
+    assert "| accountant | none |" in text
 
 
 def test_interrupted_run_reports_the_last_evaluation(tmp_path):

@@ -38,6 +38,12 @@ INTERRUPTED_METRICS = """round,wall_time_s,auc,logloss
 4,2.0,0.61,0.27
 6,3.0,,0.25
 """
+# DP on: epsilon after each evaluated round; "inf" throughout when the noise multiplier is 0.
+PRIVATE_METRICS = """round,wall_time_s,auc,logloss,epsilon
+10,1.0,0.55,0.30,{}
+20,2.0,0.58,0.28,{}
+30,3.0,0.60,0.27,{}
+"""
 CENTRAL_METRICS = """round,wall_time_s,auc,logloss
 1,5.0,0.70,0.20
 2,10.0,0.74,0.19
@@ -66,6 +72,11 @@ def _federated(path: Path) -> RunRecord:
 def _central(path: Path) -> RunRecord:
     return _run_dir(path, CENTRAL_METRICS, {"mode": "centralized", "auc": 0.74,
                                             "oracle_auc": 0.8})
+
+
+def _private(path: Path, *epsilons: str) -> RunRecord:
+    return _run_dir(path, PRIVATE_METRICS.format(*epsilons),
+                    {"mode": "federated", "auc": 0.6, "evaluated_on": "validation"})
 
 
 def _assert_png(path: Path, size: tuple[int, int]) -> None:
@@ -123,3 +134,21 @@ def test_comparison_overlays_runs_and_adds_time_when_one_run_has_it(tmp_path):
         _assert_png(plot.path, ONE_PANEL)
     without_time = write_comparison_plots([central, central], tmp_path / "central_only")
     assert _names(without_time) == ["compare_auc_vs_round.png", "compare_logloss_vs_round.png"]
+
+
+def test_a_private_run_plots_auc_against_a_finite_epsilon(tmp_path):
+    plots = write_run_plots(_private(tmp_path / "runs" / "dp", "2.9", "3.6", "4.1"),
+                            tmp_path / "plots")
+    assert _names(plots) == ["quality_vs_round.png", "auc_vs_epsilon.png"]
+    assert plots[1].title == "AUC vs epsilon"
+    _assert_png(plots[1].path, ONE_PANEL)
+    unbounded = _private(tmp_path / "runs" / "no_noise", "inf", "inf", "inf")
+    assert _names(write_run_plots(unbounded, tmp_path / "no_noise")) == ["quality_vs_round.png"]
+
+
+def test_comparison_plots_auc_against_epsilon_when_a_run_has_one(tmp_path):
+    fed = _federated(tmp_path / "runs" / "fed")
+    private = _private(tmp_path / "runs" / "dp", "2.9", "3.6", "4.1")
+    plots = write_comparison_plots([fed, private], tmp_path / "both")
+    assert _names(plots)[-1] == "compare_auc_vs_epsilon.png"
+    _assert_png(plots[-1].path, ONE_PANEL)

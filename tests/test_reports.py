@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fltoolkit.reports.screenshot import find_chromium, screenshot
+from fltoolkit.reports.tensorboard import TensorBoardLog
 from fltoolkit.run.cli import main
 
 EXPERIMENT = str(Path(__file__).resolve().parents[1] / "experiments" / "taobao.yaml")
@@ -53,7 +55,9 @@ def test_a_two_round_run_leaves_every_file(runs):
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()  # what `tensorboard --logdir` reads
     assert [e.step for e in events.Scalars("eval/auc")] == [1, 2]
-    assert {"eval_vs_sim_time/auc", "round/bytes_up"} <= set(events.Tags()["scalars"])
+    assert {"eval_vs_sim_time/auc", "round/bytes_up", "round/rows_up",
+            "round/failed"} <= set(events.Tags()["scalars"])
+    assert "eval/epsilon" not in events.Tags()["scalars"]  # no DP, no epsilon
     assert {p.name for p in (run / "plots").glob("*.png")} == PLOTS
     clients = pl.read_csv(run / "clients.csv")
     summary = json.loads((run / "summary.json").read_text())
@@ -71,6 +75,7 @@ def test_report_html_is_self_contained_and_names_the_final_auc(runs):
     assert _external_references(html) == []
     assert f"{summary['auc']:.4f}" in html
     assert html.count("data:image/png;base64,") == len(PLOTS)
+    assert "<h2>What the server learns</h2>" in html and "each client&#x27;s update" in html
     assert "plots/quality_vs_round.png" in (run / "report.md").read_text()
 
 
@@ -100,6 +105,20 @@ def test_comparing_two_runs_gives_one_table_with_both(runs, tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_tensorboard_gets_a_finite_epsilon_and_the_rounds_failed_and_rows_received(tmp_path):
+    log = TensorBoardLog(tmp_path / "tensorboard")
+    for round_index, epsilon in ((10, 2.9), (20, 3.6), (30, math.inf)):
+        log.evaluation({"round": round_index, "auc": 0.6, "epsilon": epsilon})
+    log.round({"round": 1, "failed": 1, "rows_up": 1713})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    epsilons = events.Scalars("eval/epsilon")
+    assert [(e.step, round(e.value, 3)) for e in epsilons] == [(10, 2.9), (20, 3.6)]  # no inf
+    assert [e.value for e in events.Scalars("round/failed")] == [1]
+    assert [e.value for e in events.Scalars("round/rows_up")] == [1713]
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="Debian's chromium is not installed")

@@ -35,6 +35,13 @@ REFERENCES = (("oracle_auc", "oracle AUC", "planted model"),
               ("baseline_auc", "popularity baseline AUC", "item click rate"),
               ("centralized_auc", "centralized AUC", "same model on pooled data"))
 FOUR_DECIMALS = frozenset({"auc", "logloss", "ne", "gauc", "calibration"})
+# (label, server_learns key): what crossed from the clients to the server, in this order.
+SERVER_LEARNS = (("receives", "server_receives"), ("row ids", "row_ids"),
+                 ("in the clear per client", "per_client_in_clear"),
+                 ("tables uploaded", "tables_uploaded"), ("tables kept local", "tables_local"),
+                 ("local tables stay local", "local_tables_stay_local"),
+                 ("rows received per round", "rows_received_per_round"),
+                 ("bytes received per round", "bytes_received_per_round"))
 
 CSS = """
 body { max-width: 1000px; margin: 2em auto; padding: 0 1em; line-height: 1.45;
@@ -48,6 +55,8 @@ pre { background: #f6f6f6; border: 1px solid #ddd; padding: 0.7em; overflow-x: a
 figure { margin: 1em 0 2em; }
 img { width: 100%; height: auto; border: 1px solid #ddd; }
 figcaption { text-align: center; font-style: italic; color: #555; }
+.warning { background: #fdecea; border-left: 5px solid #c62828; padding: 0.6em 0.9em;
+           color: #7f1d1d; }
 """
 
 
@@ -70,6 +79,13 @@ class Paragraph:
 
 
 @dataclass(frozen=True)
+class Alert:
+    """A paragraph a reader must not skim past (a claim that does not hold)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Table:
     header: tuple[str, ...]
     rows: list[tuple[str, ...]]
@@ -86,7 +102,7 @@ class Image:
     path: Path
 
 
-Block = Heading | Paragraph | Table | Preformatted | Image
+Block = Heading | Paragraph | Alert | Table | Preformatted | Image
 
 
 @dataclass(frozen=True)
@@ -125,7 +141,8 @@ def _run_document(record: RunRecord, plots: Sequence[PlotLike]) -> Document:
     return Document(f"{record.name} ({_status(record)})",
                     [*_section("Final metrics", ("metric", "value"),
                                _present(facts, FINAL_METRICS)),
-                     *_references(facts), *_what_ran(facts), *_figures(plots),
+                     *_references(facts), *_server_learns(facts), *_what_ran(facts),
+                     *_figures(plots),
                      *_hyperparameters(record.config)])
 
 
@@ -203,6 +220,62 @@ def _reference_line(label: str, what: str, reference: float, auc: float | None) 
     return f"{line}; this run is {_format('auc', abs(gap))} {'below' if gap >= 0 else 'above'} it"
 
 
+def _server_learns(facts: dict[str, Any]) -> list[Block]:
+    """What crossed from the clients to the server and what differential privacy bounds of it;
+    nothing for runs from before summary.json said so."""
+    learns = facts.get("server_learns")
+    if not learns:
+        return []
+    rows = [(label, _format(key, learns[key])) for label, key in SERVER_LEARNS if key in learns]
+    blocks: list[Block] = [Heading("What the server learns"), Table(("what", "value"), rows)]
+    if learns.get("differential_privacy"):
+        blocks += _differential_privacy(learns["differential_privacy"])
+    if facts.get("stopped_early"):
+        blocks.append(Paragraph(f"Stopped early: {facts['stopped_early']}"))
+    return blocks
+
+
+def _differential_privacy(dp: dict[str, Any]) -> list[Block]:
+    """The privacy guarantee, led by a warning when the epsilon it states does not hold."""
+    rows = [("epsilon", f"{dp['epsilon']:.4g} at delta {dp['delta']:.3g}"),
+            ("accountant", _accountant(dp)),
+            ("noise multiplier", f"{dp['noise_multiplier']:.4g}"),
+            ("clip norm", _clip_norm(dp)),
+            ("client sampling", _client_sampling(dp.get("sampling"))),
+            ("guarantee holds", _format("guarantee_holds", dp["guarantee_holds"]))]
+    blocks: list[Block] = [Heading("Differential privacy", 3)]
+    if not dp["guarantee_holds"]:
+        reason = dp.get("why_not") or (f"no accountant bounds it (noise multiplier "
+                                       f"{dp['noise_multiplier']:.4g})")
+        blocks.append(Alert(f"epsilon {dp['epsilon']:.4g} is reported but does not hold: "
+                            f"{reason}."))
+    return [*blocks, Table(("measure", "value"), rows)]
+
+
+def _accountant(dp: dict[str, Any]) -> str:
+    """The accountant, with the RDP epsilon beside a PLD one for comparison."""
+    if dp.get("accountant") is None:
+        return "none"
+    if dp.get("epsilon_rdp") is None:
+        return dp["accountant"]
+    return f"{dp['accountant']} (RDP gives epsilon {dp['epsilon_rdp']:.4g})"
+
+
+def _clip_norm(dp: dict[str, Any]) -> str:
+    """The clip norm, and where adaptive clipping took it by the end."""
+    if dp.get("adaptive_clipping") and dp.get("last_clip_norm") is not None:
+        return (f"{dp['clip_norm']:.4g} at the start, {dp['last_clip_norm']:.4g} at the end "
+                "(adaptive)")
+    return f"{dp['clip_norm']:.4g} (fixed)"
+
+
+def _client_sampling(sampling: dict[str, Any] | None) -> str:
+    """How clients were sampled, as far as the accountant may assume it."""
+    if sampling is None:
+        return "none the accountant can assume"
+    return f"{sampling['kind'].replace('_', ' ')}, rate {sampling['rate']:.4g}"
+
+
 def _figures(plots: Sequence[PlotLike]) -> list[Block]:
     images = [Image(plot.title, Path(plot.path)) for plot in plots]
     return [Heading("Plots"), *images] if images else []
@@ -255,6 +328,8 @@ def _markdown_block(block: Block, base: Path) -> str:
             return f"{'#' * level} {text}"
         case Paragraph(text):
             return text
+        case Alert(text):
+            return f"> **Warning:** {text}"
         case Table(header, rows):
             return "\n".join([_markdown_row(header), _markdown_row(("---",) * len(header)),
                               *map(_markdown_row, rows)])
@@ -285,6 +360,8 @@ def _html_block(block: Block) -> str:
             return f"<h{level}>{html.escape(text)}</h{level}>"
         case Paragraph(text):
             return f"<p>{html.escape(text)}</p>"
+        case Alert(text):
+            return f'<p class="warning"><strong>Warning:</strong> {html.escape(text)}</p>'
         case Table(header, rows):
             lines = [_html_row(header, "th"), *(_html_row(row, "td") for row in rows)]
             return "<table>\n" + "\n".join(lines) + "\n</table>"

@@ -62,7 +62,8 @@ def write_run_plots(record: RunRecord, out_dir: Path) -> list[Plot]:
         plots.append(_quality_plot(record, "sim_time_s", scale, f"simulated time ({unit})",
                                    out_dir / "quality_vs_time.png",
                                    "AUC and logloss vs simulated time"))
-    plots += [_client_auc_plot(record, out_dir), _participation_plot(record, out_dir),
+    plots += [_epsilon_plot([record], out_dir / "auc_vs_epsilon.png"),
+              _client_auc_plot(record, out_dir), _participation_plot(record, out_dir),
               _bytes_plot(record, out_dir), _round_duration_plot(record, out_dir)]
     return [plot for plot in plots if plot is not None]
 
@@ -87,6 +88,7 @@ def write_comparison_plots(records: list[RunRecord], out_dir: Path) -> list[Plot
         plots.append(_lines_plot([_run_line(r, "sim_time_s", "auc", scale) for r in records],
                                  f"simulated time ({unit})", f"{_split(records)} AUC",
                                  out_dir / "compare_auc_vs_time.png", "AUC vs simulated time"))
+    plots.append(_epsilon_plot(records, out_dir / "compare_auc_vs_epsilon.png"))
     return [plot for plot in plots if plot is not None]
 
 
@@ -107,6 +109,14 @@ def _quality_plot(record: RunRecord, x: str, scale: float, xlabel: str, path: Pa
     _finish_axes(top, None, f"{_split([record])} AUC")
     _finish_axes(bottom, xlabel, f"{_split([record])} logloss", integer_x=x == "round")
     return _save(fig, title, path)
+
+
+def _epsilon_plot(records: list[RunRecord], path: Path) -> Plot | None:
+    """AUC against the privacy spent, a line per run with a finite epsilon: the trade-off
+    differential privacy makes; None when no run has one (DP off, or no noise)."""
+    return _lines_plot([_run_line(r, "epsilon", "auc") for r in records],
+                       "epsilon (privacy spent)", f"{_split(records)} AUC", path,
+                       "AUC vs epsilon")
 
 
 def _client_auc_plot(record: RunRecord, out_dir: Path) -> Plot | None:

@@ -2,7 +2,8 @@
 
 Evaluations are logged against the round (the epoch when centralized) under `eval/`, and
 again against simulated seconds under `eval_vs_sim_time/` when devices are simulated;
-per-round bookkeeping (bytes, clients, durations) goes under `round/`.
+per-round bookkeeping (bytes, rows, clients, failed rounds, durations) goes under `round/`.
+An infinite epsilon (DP without noise) is left out: a scalar curve cannot draw it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 
 EVALUATION_SCALARS = ("auc", "logloss", "ne", "gauc", "calibration", "train_loss",
-                      "clients_seen")
-ROUND_SCALARS = ("aggregated", "rejected", "dropped", "stragglers", "bytes_up", "bytes_down",
-                 "round_duration_s", "round_wall_s")
+                      "clients_seen", "epsilon")
+ROUND_SCALARS = ("aggregated", "rejected", "dropped", "stragglers", "failed", "bytes_up",
+                 "bytes_down", "rows_up", "round_duration_s", "round_wall_s")
 
 
 class TensorBoardLog:

@@ -20,7 +20,8 @@ SUMMARY_INFO_KEYS = ("num_train", "num_validation", "num_test", "num_clients",
 PROTOCOL_KEYS = ("evaluated_on", "validation", "best_round", "best_validation_auc",
                  "best_round_test")
 FEDERATED_KEYS = ("clients_seen", "bytes_up_total", "bytes_down_total", "bytes_up_per_round",
-                  "bytes_down_per_round", "rejected_total", "sim_time_s")
+                  "bytes_down_per_round", "rejected_total", "sim_time_s",
+                  "stopped_early")  # only when privacy.target_epsilon ended the run
 
 
 def summary(experiment: str, mode: dict[str, Any], final: dict[str, Any],
