@@ -34,11 +34,11 @@ def test_privacy_utility_runs_each_budget_and_reports(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import privacy_utility
 
-    figures = privacy_utility.main(["--rows", "5000", "--rounds", "4", "--epsilons", "50"])
+    figures = privacy_utility.main(["--rows", "5000", "--rounds", "4", "--epsilons", "10"])
 
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == {"benchmark": "privacy_utility", **figures}
     runs = figures["runs"]
-    assert list(runs) == ["no_dp", "clipping_only", "epsilon_50"]
+    assert list(runs) == ["no_dp", "clipping_only", "epsilon_10"]
     assert runs["no_dp"]["epsilon"] is None and math.isinf(runs["clipping_only"]["epsilon"])
-    assert 0 < runs["epsilon_50"]["epsilon"] <= 50 and runs["epsilon_50"]["noise_multiplier"] > 0
+    assert 0 < runs["epsilon_10"]["epsilon"] <= 10 and runs["epsilon_10"]["noise_multiplier"] > 0
