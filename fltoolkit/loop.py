@@ -158,7 +158,7 @@ class FederatedLoop:
         self.planner = CohortPlanner(
             data.train, self.parts.tables, config.schedule(),
             uploaded=[name for name in self.parts.tables if name not in local],
-            dense_bytes=sum(p.numel() * p.element_size() for p in self.parts.dense), seed=seed)
+            dense=self.parts.dense, seed=seed, uploads=self.strategy.planned_upload_bytes)
         self.trainer = trainer_for(module, config)(
             module, self.parts, self.server_tables, proximal_mu=config.proximal_mu,
             local_tables=self.local_tables,

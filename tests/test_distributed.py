@@ -24,6 +24,10 @@ EXPERIMENT = str(Path(__file__).resolve().parents[1] / "experiments" / "taobao.y
 TOLERANCE = 1e-5
 EXACT = ("round", "clients_seen", "bytes_up_per_round", "bytes_down_per_round", "rejected",
          "crashed")
+# DP with adaptive clipping inside secure aggregation; the default UniformSelector is
+# accounted as fixed-size sampling
+PRIVATE = ["--privacy.noise_multiplier", "0.5", "--privacy.target_quantile", "0.5",
+           "--privacy.secure_aggregation", "true"]
 
 
 def _args(tmp_path: Path, run: str) -> list[str]:
@@ -49,14 +53,16 @@ def _launch(args: list[str], ranks: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_metrics_of_one(tmp_path):
-    assert main(_args(tmp_path, "one")) == 0
-    launched = _launch(_args(tmp_path, "two"), ranks=2)
+@pytest.mark.parametrize("privacy", [[], PRIVATE], ids=["plain", "dp_and_secure_aggregation"])
+def test_two_ranks_give_the_metrics_of_one(tmp_path, privacy):
+    assert main([*_args(tmp_path, "one"), *privacy]) == 0
+    launched = _launch([*_args(tmp_path, "two"), *privacy], ranks=2)
     assert launched.returncode == 0, launched.stderr[-3000:]
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert len(one) == len(two) == 3
+    exact = (*EXACT, "epsilon") if privacy else EXACT
     for single, split in zip(one, two, strict=True):
-        assert {k: single[k] for k in EXACT} == {k: split[k] for k in EXACT}
+        assert {k: single[k] for k in exact} == {k: split[k] for k in exact}
         for key in ("auc", "logloss", "gauc", "train_loss"):
             assert float(split[key]) == pytest.approx(float(single[key]), abs=TOLERANCE), key
     assert float(one[-1]["auc"]) != float(one[0]["auc"])  # the rounds changed the model

@@ -45,7 +45,7 @@ class _Clients:
         self.planner = CohortPlanner(data.train, parts.tables,
                                      LocalSchedule(batch_size=4, local_steps=3),
                                      [name for name in parts.tables if name not in local],
-                                     sum(p.numel() * 4 for p in parts.dense), seed=0)
+                                     parts.dense, seed=0)
         self.trainer = CohortTrainer(module, parts, served, **kwargs)
 
     def train_round(self, clients: list[int], seeds: list[int]) -> list[ClientUpdate]:
@@ -238,10 +238,10 @@ def test_sparse_rows_bytes():
 def test_payloads_known_before_training_match_the_updates(synthetic_data):
     loop = _loop(synthetic_data, local_tables=["user"])
     cohort = loop.planner.plan([3, 8, 1], [5, 6, 7])
-    moved, samples = cohort.bytes_moved, np.array(cohort.samples_trained)
+    samples = np.array(cohort.samples_trained)
     updates = loop.trainer.train_round(cohort)
-    assert moved.tolist() == [u.upload_bytes() for u in updates]
-    assert moved.tolist() == [u.download_bytes for u in updates]
+    assert cohort.upload_bytes.tolist() == [u.upload_bytes() for u in updates]
+    assert cohort.download_bytes.tolist() == [u.download_bytes for u in updates]
     assert samples.tolist() == [u.num_samples for u in updates]  # one local epoch
 
 
@@ -251,7 +251,8 @@ def test_a_cohorts_subset_is_the_plan_of_those_clients_alone(synthetic_data):
     alone = planner.plan([8, 5], [6, 8])
     part = whole.subset([1, 3])
     assert part.clients == alone.clients and part.steps == alone.steps
-    assert part.bytes_moved.tolist() == alone.bytes_moved.tolist()
+    assert part.download_bytes.tolist() == alone.download_bytes.tolist()
+    assert part.upload_bytes.tolist() == alone.upload_bytes.tolist()
     for name, ids in alone.row_ids.items():
         assert torch.equal(part.row_ids[name], ids) and part.segments[name] == alone.segments[name]
     for field in ("dense", "sparse", "label"):
@@ -276,8 +277,8 @@ def test_systems_over_commit_trains_only_the_fastest_and_advances_the_clock(synt
     selected = again.selector.select(1, 40)
     seeds = [client_seed(0, 1, c) for c in selected.tolist()]
     cohort = again.planner.plan(selected.tolist(), seeds)
-    moved, samples = cohort.bytes_moved, np.array(cohort.samples_trained)
-    seconds = client_seconds(again.admission.population, selected, moved, samples, moved)
+    seconds = client_seconds(again.admission.population, selected, cohort.download_bytes,
+                             np.array(cohort.samples_trained), cohort.upload_bytes)
     assert sorted(trained) == sorted(selected[np.argsort(seconds)[:20]].tolist())
     assert loop.admission.sim_time_s == pytest.approx(np.sort(seconds)[19])
     # the selector learns every finisher's time, stragglers' too (Oort penalizes slow ones)
@@ -289,7 +290,8 @@ def test_round_finiteness_check_flags_exactly_the_clients_with_a_bad_delta():
     from fltoolkit.training.trainer import _finite_per_client
 
     cohort = Cohort(clients=[4, 9, 2], num_samples=[1, 1, 1], samples_trained=[1, 1, 1],
-                    bytes_moved=np.zeros(3, dtype=np.int64), dense=torch.zeros(0, 1),
+                    download_bytes=np.zeros(3, dtype=np.int64),
+                    upload_bytes=np.zeros(3, dtype=np.int64), dense=torch.zeros(0, 1),
                     sparse=torch.zeros(0, 1), label=torch.zeros(0), steps=[[], [], []],
                     row_ids={"t": torch.arange(5)}, segments={"t": [0, 2, 3, 5]},
                     columns={"t": [0]})

@@ -74,6 +74,20 @@ def test_with_secure_aggregation_the_server_side_gets_masked_vectors_and_one_sum
     assert learns["bytes_received_per_round"] > 20 * length * 4  # the vector and the protocol
 
 
+@pytest.mark.parametrize("privacy", [{"secure_aggregation": True},
+                                     {**DP, "secure_aggregation": True}], ids=["alone", "dp"])
+def test_the_clock_prices_secure_aggregation_as_the_protocol_counts_it(synthetic_data, privacy):
+    """What the planner charges each client's uplink before training (the simulated clock)
+    is what the protocol sends once the cohort's updates exist (rounds.csv's bytes_up)."""
+    loop = _loop(synthetic_data, local_tables=["user"], privacy=PrivacyConfig(**privacy))
+    cohort = loop.planner.plan([3, 8, 1], [5, 6, 7])
+    loop.strategy.start_round(1, cohort.clients, seed=0)
+    updates = loop.trainer.train_round(cohort)
+    assert len(set(cohort.upload_bytes.tolist())) == 1
+    assert int(cohort.upload_bytes.sum()) == loop.strategy.uploads(updates).bytes
+    assert cohort.upload_bytes[0] > cohort.download_bytes.max()  # the union, not its own rows
+
+
 def test_the_run_stops_before_the_round_that_would_pass_the_budget(synthetic_data):
     """A budget between the epsilons of rounds 7 and 8: the run ends after round 7, which
     is evaluated although evaluations fall every 5 rounds."""

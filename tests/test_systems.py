@@ -6,8 +6,16 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
+from datamodules.clients import ClientTable
+from fltoolkit.privacy.dp import DifferentialPrivacy
+from fltoolkit.privacy.secure_aggregation import SecureAggregation
+from fltoolkit.selection import UniformSelector
+from fltoolkit.strategies import FedAvg, Strategy
+from fltoolkit.systems.admission import DeviceAdmission
 from fltoolkit.systems.clock import client_seconds
+from fltoolkit.systems.config import SystemsConfig
 from fltoolkit.systems.devices import (
     DeviceError,
     DevicePopulation,
@@ -18,6 +26,8 @@ from fltoolkit.systems.devices import (
     save_devices,
 )
 from fltoolkit.systems.policy import RoundPolicy
+from fltoolkit.training.cohort import CohortPlanner, LocalSchedule
+from recsys.parts import TablePart
 
 
 def _population() -> DevicePopulation:
@@ -35,6 +45,50 @@ def test_clock_adds_download_compute_and_upload():
     seconds = client_seconds(_population(), np.array([0, 1]), np.array([125_000, 1_000]),
                              np.array([30, 2]), np.array([62_500, 500]))
     np.testing.assert_allclose(seconds, [2.3, 2.2])
+
+
+def _three_clients(strategy: Strategy) -> CohortPlanner:
+    """Clients 0, 1 and 2 train one epoch on their rows, which touch items {1, 2}, {2, 3}
+    and {5} of an 8 x 2 table; the model has 3 dense weights."""
+    data = ClientTable(dense=torch.zeros(5, 1), sparse=torch.tensor([[1], [2], [2], [3], [5]]),
+                       label=torch.zeros(5), offsets=torch.tensor([0, 2, 4, 5]),
+                       client_ids=torch.arange(3))
+    table = TablePart(torch.nn.Parameter(torch.zeros(8, 2)), columns=[0], num_rows=8)
+    return CohortPlanner(data, {"item": table}, LocalSchedule(batch_size=2, local_epochs=1),
+                         ["item"], [torch.zeros(3)], seed=0,
+                         uploads=strategy.planned_upload_bytes)
+
+
+def _dp() -> DifferentialPrivacy:
+    return DifferentialPrivacy(FedAvg(), noise_multiplier=1.0, clip_norm=1.0, expected_clients=3)
+
+
+# Every device: 1000 ms a sample, 8 kbit/s (1000 B/s) both ways. Client 0 trains 2 samples
+# (2 s) and downloads 3 x 4 B dense + 2 rows x (8 B id + 2 x 4 B) = 44 B (0.044 s); client 1
+# the same; client 2: 1 sample, 12 + 16 = 28 B. A plain update uploads what was downloaded.
+# Secure aggregation: one vector over the union {1, 2, 3, 5}: 3 dense + 1 weight (+ 1 DP
+# count) + 4 rows x (2 + 1 weight) = 16 (17) coordinates x 4 B = 64 (68) B, and the protocol
+# with 2 neighbours: keys 2 x 32 + shares 2 x (2 x 32 + 36) + unmasking 3 x (4 + 32) = 372 B.
+@pytest.mark.parametrize(("strategy", "uploaded"), [
+    (FedAvg, [44, 44, 28]),
+    (_dp, [44, 44, 28]),  # DP alone sends plain updates
+    (lambda: SecureAggregation(FedAvg(), clip_norm=1.0), [436, 436, 436]),
+    (lambda: SecureAggregation(_dp(), clip_norm=1.0), [440, 440, 440]),
+], ids=["fedavg", "dp", "secure_aggregation", "secure_aggregation_dp"])
+def test_the_clock_charges_what_the_strategys_protocol_uploads(tmp_path, strategy, uploaded):
+    save_devices(DevicePopulation(np.full(3, 1000.0), np.full(3, 8.0), np.full(3, 8.0)),
+                 tmp_path / "devices.parquet")
+    admission = DeviceAdmission(3, SystemsConfig(enabled=True,
+                                                 devices=str(tmp_path / "devices.parquet")), 0)
+    selector = UniformSelector()
+    selector.bind(3, seed=0)
+    planner = _three_clients(strategy())
+    admitted = admission.admit(1, 3, selector, planner.plan_round)
+    assert admitted.cohort.upload_bytes.tolist() == uploaded
+    expected = {0: 2.044 + uploaded[0] / 1000, 1: 2.044 + uploaded[1] / 1000,
+                2: 1.028 + uploaded[2] / 1000}  # e.g. 2.044 + 0.436 = 2.48 s
+    assert admitted.durations == pytest.approx(expected)
+    assert admitted.seconds == admission.sim_time_s == pytest.approx(expected[0])
 
 
 def test_clients_beyond_the_population_reuse_devices_cyclically():

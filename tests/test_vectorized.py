@@ -93,7 +93,7 @@ def _updates(trainer_type, data, module, schedule, clients, seeds, proximal_mu=0
                            if name not in local})
     planner = CohortPlanner(data.train, parts.tables, schedule,
                             [name for name in parts.tables if name not in local],
-                            sum(p.numel() * 4 for p in parts.dense), seed=0)
+                            parts.dense, seed=0)
     types = trainer_type if isinstance(trainer_type, tuple) else (trainer_type, trainer_type)
     for index, round_seeds in enumerate(([seed + 100 for seed in seeds], seeds)):
         trainer = types[index](module, parts, served, proximal_mu=proximal_mu,

@@ -24,6 +24,7 @@ from fltoolkit.strategies.sums import Contribution, SumStrategy, UpdateSum, requ
 from fltoolkit.training.updates import ClientUpdate, squared_norms
 
 NOISE_STREAM = 0xD1FF  # keeps the noise's seeds apart from other per-round randomness
+UNCLIPPED = "unclipped"  # the extra scalar counting the clients within the clip norm
 
 
 class DifferentialPrivacy(StrategyWrapper, SumStrategy):
@@ -105,12 +106,15 @@ class DifferentialPrivacy(StrategyWrapper, SumStrategy):
     def norm_bound(self) -> float:
         return self.clip_norm
 
+    def extra_names(self) -> list[str]:
+        return [UNCLIPPED]
+
     def contributions(self, updates: list[ClientUpdate]) -> list[Contribution]:
         """Each client's update clipped to C (as a scale: the sum takes factor * delta) with
         weight 1, and whether it was within C (adaptive clipping's count)."""
         norms = squared_norms(updates).sqrt().tolist()
         return [Contribution(update, 1.0, min(1.0, self.clip_norm / norm) if norm > 0 else 1.0,
-                             {"unclipped": float(norm <= self.clip_norm)})
+                             {UNCLIPPED: float(norm <= self.clip_norm)})
                 for update, norm in zip(updates, norms, strict=True)]
 
     def apply_sum(self, total: UpdateSum, server: ServerModel) -> None:
@@ -125,7 +129,7 @@ class DifferentialPrivacy(StrategyWrapper, SumStrategy):
                              for name, rows in total.rows.items()}, total.clients))
         self.strategy.apply_sum(noised, server)
         if self.adaptive:
-            self._adapt_clip_norm(total.extras.get("unclipped", 0.0), generator)
+            self._adapt_clip_norm(total.extras.get(UNCLIPPED, 0.0), generator)
 
     def _noised(self, total: UpdateSum, server: ServerModel, std: float,
                 generator: torch.Generator) -> UpdateSum:

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fltoolkit.privacy.secure_sum import FixedPoint, SecureSumRound, upload_bytes
+from fltoolkit.privacy.secure_sum import FixedPoint, SecureSumRound, mask_degree, upload_bytes
 from fltoolkit.strategies.base import RowSum, ServerModel, StrategyWrapper, Uploads, check_updates
 from fltoolkit.strategies.sums import Contribution, SumStrategy, UpdateSum, require_sums
-from fltoolkit.training.updates import ClientUpdate, squared_norms, table_ids
+from fltoolkit.training.updates import ClientUpdate, PlannedUploads, squared_norms, table_ids
 
 MASK_STREAM = 0x5EC0  # keeps the masks' seeds apart from other per-round randomness
 
@@ -157,6 +157,9 @@ class SecureAggregation(StrategyWrapper, SumStrategy):
     def norm_bound(self) -> float:
         return self.strategy.norm_bound() or self.clip_norm
 
+    def extra_names(self) -> list[str]:
+        return self.strategy.extra_names()
+
     def aggregate(self, updates: list[ClientUpdate], server: ServerModel) -> None:
         check_updates(updates, server)
         contributions = self.contributions(updates)
@@ -191,6 +194,18 @@ class SecureAggregation(StrategyWrapper, SumStrategy):
         layout = SumLayout.of(self.contributions(updates))
         per_client = upload_bytes(layout.length, self._protocol().degree, self.bits)
         return Uploads(per_client * len(updates), layout.rows())
+
+    def planned_upload_bytes(self, planned: PlannedUploads) -> np.ndarray:
+        """What `uploads` counts, priced at planning time: the masked vector is laid out
+        before anyone trains, so over the planned cohort's union of rows, with masks among
+        the planned cohort. With over-commitment that is every selected client while the
+        protocol then runs among the kept ones, so the clock charges at most this much more
+        than rounds.csv counts."""
+        layout = SumLayout(planned.dense_size, self.extra_names(), planned.union(),
+                           planned.widths)
+        per_client = upload_bytes(layout.length, mask_degree(planned.clients, self.neighbours),
+                                  self.bits)
+        return np.full(planned.clients, per_client, dtype=np.int64)
 
     def _protocol(self) -> SecureSumRound:
         threshold = max(1, math.ceil(self.min_survivors * len(self.cohort)))

@@ -152,11 +152,10 @@ class SecureSumRound:
         self.bits = bits
         self.threshold = threshold
         self.ring: list[int] | None = None  # the SecAgg+ ring order; None: every pair masks
-        self.degree = size - 1
-        if neighbours is not None and neighbours < size - 1:
+        self.degree = mask_degree(size, neighbours)
+        if self.degree < size - 1:
             order = torch.randperm(size, generator=_generator(seed, "graph")).tolist()
             self.ring = [clients[i] for i in order]
-            self.degree = neighbours
         self._position = {client: p for p, client in enumerate(self.ring or clients)}
         self.share_threshold = math.ceil(threshold * (self.degree + 1) / size)
 
@@ -257,6 +256,14 @@ class SecureSumRound:
 def _pair_sign(client: int, other: int) -> int:
     """+1 if `client` adds the pair's mask, -1 if it subtracts it."""
     return 1 if client < other else -1
+
+
+def mask_degree(size: int, neighbours: int | None) -> int:
+    """How many others each client of a cohort of `size` masks with: every other client, or
+    `neighbours` (SecAgg+) when that is fewer."""
+    if neighbours is None or neighbours >= size - 1:
+        return size - 1
+    return neighbours
 
 
 def setup_upload_bytes(neighbours: int) -> int:

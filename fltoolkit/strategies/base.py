@@ -11,14 +11,17 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from fltoolkit.training.updates import (
     ClientRows,
     ClientUpdate,
+    PlannedUploads,
     RoundRows,
     SparseRows,
+    plain_upload_bytes,
     shared_round,
 )
 
@@ -229,6 +232,11 @@ class Strategy(ABC):
         """What `updates` cost to send under this strategy's protocol."""
         return plain_uploads(updates)
 
+    def planned_upload_bytes(self, planned: PlannedUploads) -> np.ndarray:
+        """[C] what each client of a planned cohort will upload under this strategy's
+        protocol, known before anyone trains so the simulated clock can charge it."""
+        return plain_upload_bytes(planned)
+
     def start_round(self, round_index: int, cohort: list[int], seed: int) -> None:
         """Called before the cohort trains: for protocols that start with the cohort (secure
         aggregation's key agreement) or draw the round's randomness (DP noise) from the
@@ -279,6 +287,9 @@ class StrategyWrapper(Strategy):
 
     def uploads(self, updates: list[ClientUpdate]) -> Uploads:
         return self.strategy.uploads(updates)
+
+    def planned_upload_bytes(self, planned: PlannedUploads) -> np.ndarray:
+        return self.strategy.planned_upload_bytes(planned)
 
     def start_round(self, round_index: int, cohort: list[int], seed: int) -> None:
         self.strategy.start_round(round_index, cohort, seed)

@@ -100,6 +100,11 @@ class SumStrategy(Strategy):
         norm), or None."""
         return None
 
+    def extra_names(self) -> list[str]:
+        """The extra scalars every contribution carries (`Contribution.extras`), by name: a
+        protocol that lays contributions out on a vector needs them before any exists."""
+        return []
+
     def aggregate(self, updates: list[ClientUpdate], server: ServerModel) -> None:
         check_updates(updates, server)
         total = sum_contributions(self.contributions(updates), server.tables)

@@ -98,8 +98,8 @@ class DeviceAdmission(Admission):
                         round_index, len(selected), self.policy.min_updates)
             return self._skipped(plan, round_index, len(selected), IDLE_WAIT_S)
         cohort = plan(round_index, selected.tolist())
-        seconds = client_seconds(self.population, selected, cohort.bytes_moved,
-                                 np.array(cohort.samples_trained), cohort.bytes_moved)
+        seconds = client_seconds(self.population, selected, cohort.download_bytes,
+                                 np.array(cohort.samples_trained), cohort.upload_bytes)
         online = (np.ones(len(selected), dtype=bool) if availability is None else
                   availability.online_throughout(selected, np.full(len(selected), self.sim_time_s),
                                                  self.sim_time_s + seconds))

@@ -1,8 +1,9 @@
 """Simulated round time of a client: download + local compute + upload.
 
-Payloads are the bytes the round really moved (`ClientUpdate.download_bytes` and
-`upload_bytes()`: touched rows, never whole tables), so sparse updates and local tables make a
-round shorter in simulated time just as they would on a device.
+Payloads are the bytes the round's plan moves (`Cohort.download_bytes` and `upload_bytes`:
+touched rows, never whole tables; uploads as the strategy's protocol sends them), so sparse
+updates and local tables make a round shorter in simulated time just as they would on a
+device, and secure aggregation's masked vector over the cohort's rows makes it longer.
 """
 
 from __future__ import annotations

@@ -2,13 +2,15 @@
 rows they touch, and the bytes each client moves.
 
 The plan is made before anyone trains, so the simulated clock (fltoolkit.systems) charges
-exactly the bytes and samples that training then uses: both read the same `Cohort`.
+exactly the bytes and samples that training then uses: both read the same `Cohort`. Uploads
+are priced by the strategy, whose protocol may send other than each client's own update
+(secure aggregation: one masked vector over the cohort's rows).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate
 
@@ -17,7 +19,12 @@ import torch
 from torch import Tensor
 
 from datamodules.clients import ClientTable
-from fltoolkit.training.updates import ID_BYTES, segment_owners
+from fltoolkit.training.updates import (
+    ID_BYTES,
+    PlannedUploads,
+    plain_upload_bytes,
+    segment_owners,
+)
 from recsys.parts import TablePart
 
 
@@ -62,8 +69,11 @@ class Cohort:
         clients: the clients, in training order.
         num_samples: per client, its training rows (its FedAvg weight).
         samples_trained: per client, the rows of all its local batches (epochs x rows).
-        bytes_moved: [C] per client, the bytes it downloads to train, which equal the bytes
-            it uploads: the dense weights and its touched rows of every uploaded table.
+        download_bytes: [C] per client, the bytes it downloads to train: the dense weights
+            and its touched rows of every uploaded table, with their ids.
+        upload_bytes: [C] per client, the bytes it uploads under the strategy's protocol: its
+            own update (as many bytes as it downloads) unless the strategy prices it otherwise
+            (`Strategy.planned_upload_bytes`).
         dense, label: [R, D] and [R] the rows of every local batch, client after client.
         sparse: [R, F] their ids, remapped to positions in the compact buffers.
         steps: per client, the slices of those rows that make its local batches.
@@ -75,7 +85,8 @@ class Cohort:
     clients: list[int]
     num_samples: list[int]
     samples_trained: list[int]
-    bytes_moved: np.ndarray
+    download_bytes: np.ndarray
+    upload_bytes: np.ndarray
     dense: Tensor
     sparse: Tensor
     label: Tensor
@@ -102,7 +113,9 @@ class Cohort:
 
     def subset(self, slots: Sequence[int]) -> Cohort:
         """The plan of the clients at `slots` only, exactly as planning them alone gives it
-        (a client's rows and batches do not depend on who else is in the cohort)."""
+        (a client's rows and batches do not depend on who else is in the cohort), except for
+        `upload_bytes`, which keep the whole plan's: a protocol over the cohort (secure
+        aggregation) prices each client's upload for the cohort as planned."""
         slots = list(slots)
         if slots == list(range(len(self.clients))):
             return self
@@ -125,7 +138,8 @@ class Cohort:
                                  dtype=torch.int64)
             sparse[:, columns] -= torch.repeat_interleave(shift, counts)[:, None]
         return Cohort([self.clients[s] for s in slots], [self.num_samples[s] for s in slots],
-                      [self.samples_trained[s] for s in slots], self.bytes_moved[slots],
+                      [self.samples_trained[s] for s in slots], self.download_bytes[slots],
+                      self.upload_bytes[slots],
                       self.dense[order], sparse, self.label[order], steps, row_ids, segments,
                       self.columns)
 
@@ -138,14 +152,20 @@ class CohortPlanner:
         tables: the model's embedding tables (recsys.parts).
         schedule: local batch size and steps.
         uploaded: the tables whose rows travel between client and server (local ones do not).
-        dense_bytes: bytes of the dense weights, which every client downloads and uploads.
+        dense: the dense weights, which every client downloads and uploads.
         seed: the run's seed; a client's batch order derives from (seed, round, client).
+        uploads: each client's upload bytes, from the cohort's plain ones and rows (the
+            strategy's `planned_upload_bytes`); by default its own update's.
     """
 
     def __init__(self, data: ClientTable, tables: dict[str, TablePart], schedule: LocalSchedule,
-                 uploaded: list[str], dense_bytes: int, seed: int) -> None:
+                 uploaded: list[str], dense: Sequence[Tensor], seed: int,
+                 uploads: Callable[[PlannedUploads], np.ndarray] = plain_upload_bytes) -> None:
         self.data, self.tables, self.schedule = data, tables, schedule
-        self.uploaded, self.dense_bytes, self.seed = uploaded, dense_bytes, seed
+        self.uploaded, self.seed, self.uploads = uploaded, seed, uploads
+        self.dense_size = sum(p.numel() for p in dense)
+        self.dense_bytes = sum(p.numel() * p.element_size() for p in dense)
+        self.widths = {name: tables[name].weight.shape[1] for name in uploaded}
 
     def plan_round(self, round_index: int, clients: Sequence[int]) -> Cohort:
         """The cohort of `clients` in round `round_index`."""
@@ -183,12 +203,15 @@ class CohortPlanner:
             row_ids[name] = unique % vocab
             segments[name] = torch.searchsorted(
                 unique, torch.arange(len(clients) + 1) * vocab).tolist()
-        return Cohort(list(clients), num_samples, counts,
-                      self._bytes_moved(len(clients), segments),
+        own = self._own_bytes(len(clients), segments)
+        uploads = self.uploads(PlannedUploads(own, self.dense_size,
+                                              {name: row_ids[name] for name in self.uploaded},
+                                              self.widths))
+        return Cohort(list(clients), num_samples, counts, own, uploads,
                       self.data.dense[order], remapped, self.data.label[order], steps, row_ids,
                       segments, {name: part.columns for name, part in self.tables.items()})
 
-    def _bytes_moved(self, num_clients: int, segments: dict[str, list[int]]) -> np.ndarray:
+    def _own_bytes(self, num_clients: int, segments: dict[str, list[int]]) -> np.ndarray:
         """Dense weights plus, per uploaded table, the client's rows with their ids."""
         moved = np.full(num_clients, self.dense_bytes, dtype=np.int64)
         for name in self.uploaded:

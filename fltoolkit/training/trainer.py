@@ -214,7 +214,7 @@ class CohortTrainer:
             updates.append(ClientUpdate(
                 client=client, num_samples=cohort.num_samples[slot], loss=losses[slot],
                 dense=dense[dense_rows[slot]], tables=ClientRows(uploaded, slot),
-                download_bytes=int(cohort.bytes_moved[slot]),
+                download_bytes=int(cohort.download_bytes[slot]),
                 samples_trained=cohort.samples_trained[slot],
                 loss_squared_sum=squares[slot], finite=finite[slot]))
         return updates

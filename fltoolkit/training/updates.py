@@ -1,4 +1,5 @@
-"""What a client sends back after local training: dense deltas and touched embedding rows.
+"""What a client sends back after local training: dense deltas and touched embedding rows
+(and, priced before training, what a planned cohort will upload).
 
 An embedding update carries only the rows the client's data touched, `(row_ids, row_deltas)`
 per table, never a whole table: that is both what a real client would upload and what keeps
@@ -12,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -225,3 +227,35 @@ class ClientUpdate:
             return self.finite
         sums = [self.dense.sum(), *(rows.values.sum() for rows in self.tables.values())]
         return bool(torch.isfinite(torch.stack(sums)).all())
+
+
+@dataclass(frozen=True)
+class PlannedUploads:
+    """A planned cohort's uploads as plain updates, with what a strategy needs to price its
+    own protocol's uploads before anyone trains (the simulated clock charges them).
+
+    Attributes:
+        own_bytes: [C] per client, its own update: the dense delta and its touched rows of
+            every uploaded table, with their ids.
+        dense_size: coordinates of the dense delta.
+        row_ids: uploaded table -> every client's touched rows, client after client.
+        widths: uploaded table -> embedding width.
+    """
+
+    own_bytes: np.ndarray
+    dense_size: int
+    row_ids: dict[str, Tensor]
+    widths: dict[str, int]
+
+    @property
+    def clients(self) -> int:
+        return len(self.own_bytes)
+
+    def union(self) -> dict[str, Tensor]:
+        """Uploaded table -> the sorted rows some client of the cohort touched."""
+        return {name: torch.unique(ids) for name, ids in self.row_ids.items()}
+
+
+def plain_upload_bytes(planned: PlannedUploads) -> np.ndarray:
+    """Each client of a planned cohort uploads its own update."""
+    return planned.own_bytes
