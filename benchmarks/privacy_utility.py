@@ -8,7 +8,7 @@ validation split (README); the noise multiplier for each epsilon comes from dp-a
 calibration. One run after another, one thread each.
 
 Usage: python benchmarks/privacy_utility.py [--rows 200000] [--clients_per_round 20]
-    [--rounds 1000] [--clip_norm 0.3] [--row_denominator 1] [--epsilons 1 4 10]
+    [--rounds 1000] [--clip_norm 0.1] [--row_denominator 5] [--epsilons 1 4 10]
 Prints a row per run (validation and test AUC, epsilon, noise multiplier) and JSON last.
 """
 
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--clients_per_round", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=1000)
-    parser.add_argument("--clip_norm", type=float, default=0.3)
-    parser.add_argument("--row_denominator", type=float, default=1.0)
+    parser.add_argument("--clip_norm", type=float, default=0.1)
+    parser.add_argument("--row_denominator", type=float, default=5.0)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 10.0])
     args = parser.parse_args(argv)
     clipping = ["--privacy.clip_norm", str(args.clip_norm),
