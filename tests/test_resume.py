@@ -186,6 +186,20 @@ def test_resuming_drops_rows_after_the_checkpoint_and_a_half_written_row(tmp_pat
         "round,bytes", "1,10", "2,20", "3,31"]
 
 
+def test_a_checkpoint_before_the_first_evaluation_saves_and_loads(synthetic_data, tmp_path):
+    """Round 1 of a run that evaluates every 5: nothing scored yet (the per-client test
+    table is empty), which torch.save once refused, crashing the run at its checkpoint."""
+    from tests.test_federated import _loop
+
+    loop = _loop(synthetic_data, rounds=5, eval_interval=5)
+    loop.run_round(1)
+    save_checkpoint(tmp_path, 1, loop_state(loop), 2)
+    resumed = _loop(synthetic_data, rounds=5, eval_interval=5)
+    load_loop_state(resumed, load_latest(tmp_path)[1])
+    assert resumed.test_clients.height == 0
+    assert resumed.test_clients.columns == loop.test_clients.columns
+
+
 def test_a_checkpoint_of_another_version_is_refused_by_name(synthetic_data):
     from fltoolkit.run.checkpointing import CheckpointError
     from tests.test_federated import _loop

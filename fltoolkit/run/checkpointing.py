@@ -84,7 +84,9 @@ def loop_state(loop: FederatedLoop) -> dict[str, Any]:
         "participation": torch.from_numpy(loop.participation.copy()),
         "history": list(loop.history),
         "held_out": loop.held_out.state_dict(),
-        "test_clients": {name: loop.test_clients[name].to_torch()
+        # cloned: before the first evaluation the columns are empty, and polars hands out
+        # empty tensors of several dtypes over one buffer, which torch.save refuses
+        "test_clients": {name: loop.test_clients[name].to_torch().clone()
                          for name in loop.test_clients.columns},
         "last": dict(loop.last),
         "since_evaluation": asdict(loop.since_evaluation),
