@@ -1,6 +1,10 @@
 """Final AUC against epsilon: the default experiment without DP, with clipping alone, and with
 the noise multipliers that spend epsilon about 1, 4 and 10 at delta = 1 / clients over the run.
 
+Clipping alone runs twice: with the DP runs' clip norm and rows' denominator (what the noise
+costs on top), and with its own, chosen on validation without noise (what clipping and the
+fixed denominators cost by themselves).
+
 Every run keeps the user table on the clients (`federated.local_tables [user]`: it never
 leaves, needs no noise, and costs no AUC without DP) and samples clients by Poisson sampling
 (accounted with PLD). The clip norm and the rows' denominator are the ones chosen on the
@@ -9,6 +13,7 @@ calibration. One run after another, one thread each.
 
 Usage: python benchmarks/privacy_utility.py [--rows 200000] [--clients_per_round 20]
     [--rounds 1000] [--clip_norm 0.1] [--row_denominator 5] [--epsilons 1 4 10]
+    [--clipping_only_norm 0.3] [--clipping_only_row_denominator 1]
 Prints a row per run (validation and test AUC, epsilon, noise multiplier) and JSON last.
 """
 
@@ -56,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clip_norm", type=float, default=0.1)
     parser.add_argument("--row_denominator", type=float, default=5.0)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 10.0])
+    parser.add_argument("--clipping_only_norm", type=float, default=0.3)
+    parser.add_argument("--clipping_only_row_denominator", type=float, default=1.0)
     args = parser.parse_args(argv)
     clipping = ["--privacy.clip_norm", str(args.clip_norm),
                 "--privacy.row_denominator", str(args.row_denominator)]
@@ -66,6 +73,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         clients = runs["no_dp"]["clients"]
         runs["clipping_only"] = _run(args, out, "clipping_only", "--privacy.noise_multiplier",
                                      "0", *clipping)
+        runs["clipping_only_own_settings"] = _run(
+            args, out, "clipping_only_own_settings", "--privacy.noise_multiplier", "0",
+            "--privacy.clip_norm", str(args.clipping_only_norm),
+            "--privacy.row_denominator", str(args.clipping_only_row_denominator))
         sampling = ClientSampling("poisson", population=clients,
                                   sample_size=args.clients_per_round)
         for epsilon in args.epsilons:
@@ -75,7 +86,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                 *clipping)
     figures = {"runs": runs, "rows": args.rows, "clients": clients,
                "clients_per_round": args.clients_per_round, "rounds": args.rounds,
-               "clip_norm": args.clip_norm, "row_denominator": args.row_denominator}
+               "clip_norm": args.clip_norm, "row_denominator": args.row_denominator,
+               "clipping_only_norm": args.clipping_only_norm,
+               "clipping_only_row_denominator": args.clipping_only_row_denominator}
     print_figures("privacy_utility", figures,
                   f"python benchmarks/privacy_utility.py --rows {args.rows} --clients_per_round "
                   f"{args.clients_per_round} --rounds {args.rounds} --clip_norm {args.clip_norm}"

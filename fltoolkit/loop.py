@@ -148,11 +148,9 @@ class FederatedLoop:
                                             if name not in local}))
         self.selector = config.selector
         self.selector.bind(num_clients, seed)
-        self.privacy = PrivacyPlan(
-            privacy or PrivacyConfig(), config.strategy, selector=self.selector,
-            num_clients=num_clients, clients_per_round=config.clients_per_round,
-            rounds=config.rounds, devices=bool(systems and systems.enabled),
-            reject_norm_ratio=config.reject_norm_ratio, sharded=sharded_tables is not None)
+        self.privacy = PrivacyPlan.for_run(privacy or PrivacyConfig(), config, num_clients,
+                                           devices=bool(systems and systems.enabled),
+                                           sharded=sharded_tables is not None)
         self.strategy = self.privacy.strategy
         self.admission = admission_for(systems, num_clients, seed)
         self.planner = CohortPlanner(

@@ -39,6 +39,6 @@ def test_privacy_utility_runs_each_budget_and_reports(monkeypatch, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == {"benchmark": "privacy_utility", **figures}
     runs = figures["runs"]
-    assert list(runs) == ["no_dp", "clipping_only", "epsilon_10"]
+    assert list(runs) == ["no_dp", "clipping_only", "clipping_only_own_settings", "epsilon_10"]
     assert runs["no_dp"]["epsilon"] is None and math.isinf(runs["clipping_only"]["epsilon"])
     assert 0 < runs["epsilon_10"]["epsilon"] <= 10 and runs["epsilon_10"]["noise_multiplier"] > 0

@@ -159,3 +159,22 @@ def test_a_private_run_resumes_exactly(synthetic_data, tmp_path):
     assert second.strategy.strategy.clip_norm == whole.strategy.strategy.clip_norm
     for key, value in whole.module.state_dict().items():
         assert torch.equal(value, second.module.state_dict()[key]), key
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--federated.selector.class_path", "fltoolkit.selection.Oort"],
+     "privacy: Oort does not sample clients at random"),
+    (["--privacy.secure_aggregation", "true", "--privacy.secagg_neighbours", "3"],
+     "privacy.secagg_neighbours must be even"),
+])
+def test_the_command_refuses_in_one_line_and_leaves_no_run_directory(tmp_path, capsys, option,
+                                                                      message):
+    from fltoolkit.run.cli import main
+    from tests.test_resume import EXPERIMENT
+
+    run = tmp_path / "run"
+    code = main(["fit", "--experiment", EXPERIMENT, "--data.num_rows", "5000",
+                 "--data.init_args.cache_dir", str(tmp_path / "cache"),
+                 "--privacy.noise_multiplier", "1", *option, "--run_dir", str(run)])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in error[-1] and not run.exists()

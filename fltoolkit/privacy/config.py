@@ -69,6 +69,12 @@ class PrivacyConfig:
         if not 0 < self.secagg_min_survivors <= 1:
             raise ValueError("privacy.secagg_min_survivors must be in (0, 1], got "
                              f"{self.secagg_min_survivors}")
+        if not 8 <= self.secagg_bits <= 62:
+            raise ValueError(f"privacy.secagg_bits must be in 8..62, got {self.secagg_bits}")
+        neighbours = self.secagg_neighbours
+        if neighbours is not None and (neighbours < 2 or neighbours % 2):
+            raise ValueError("privacy.secagg_neighbours must be even and >= 2 (half on each side "
+                             f"of the masking ring), got {neighbours}")
         if self.target_epsilon is not None and self.noise_multiplier is None:
             raise ValueError("privacy.target_epsilon needs privacy.noise_multiplier (DP on)")
         dp_only = {"target_quantile": self.target_quantile, "count_noise": self.count_noise,

@@ -12,7 +12,7 @@ from fltoolkit.privacy.accountant import ClientSampling, PrivacyAccountant, defa
 from fltoolkit.privacy.config import PrivacyConfig
 from fltoolkit.privacy.dp import DifferentialPrivacy
 from fltoolkit.privacy.secure_aggregation import SecureAggregation
-from fltoolkit.run.config import ConfigError
+from fltoolkit.run.config import ConfigError, FederatedConfig
 from fltoolkit.selection import ClientSelector, PoissonSelector, UniformSelector
 from fltoolkit.strategies import Strategy
 
@@ -52,6 +52,16 @@ class PrivacyPlan:
                 self.last_allowed_round = self._last_round_within(config.target_epsilon, rounds)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+    @classmethod
+    def for_run(cls, config: PrivacyConfig, federated: FederatedConfig, num_clients: int,
+                devices: bool, sharded: bool) -> PrivacyPlan:
+        """The plan of a run's `federated` section (its strategy, selector, cohort, rounds and
+        gate)."""
+        return cls(config, federated.strategy, selector=federated.selector,
+                   num_clients=num_clients, clients_per_round=federated.clients_per_round,
+                   rounds=federated.rounds, devices=devices,
+                   reject_norm_ratio=federated.reject_norm_ratio, sharded=sharded)
 
     def _wrapped(self, strategy: Strategy, selector: ClientSelector, num_clients: int,
                  clients_per_round: int, devices: bool) -> Strategy:

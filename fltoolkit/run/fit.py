@@ -26,6 +26,7 @@ import torch
 
 from datamodules.base import CTRDataModule, FeatureSpec
 from fltoolkit.loop import FederatedLoop, LoopHooks
+from fltoolkit.privacy.plan import PrivacyPlan
 from fltoolkit.reports.build import build_run_report
 from fltoolkit.reports.run_dir import RunDirectory, next_version
 from fltoolkit.run.centralized import train_centrally
@@ -111,6 +112,10 @@ def run_experiment(cli: Any, name: str, ranks: Ranks) -> Path | None:
     if federated.enabled:  # before the run directory exists: a refused run leaves nothing
         federated.check_clients(datamodule.data.train.num_clients)
         federated.local_table_names(list(embedding_tables(cli.model)), sharded is not None)
+        if cli.config_init["privacy"].enabled:
+            PrivacyPlan.for_run(cli.config_init["privacy"], federated,
+                                datamodule.data.train.num_clients,
+                                cli.config_init["systems"].enabled, sharded is not None)
     if not ranks.is_main:
         _follow(cli, datamodule, sharded, ranks)
         return None
