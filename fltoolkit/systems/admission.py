@@ -16,13 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from fltoolkit.selection.base import ClientSelector
-from fltoolkit.systems.clock import client_seconds
+from fltoolkit.systems.clock import IDLE_WAIT_S, client_seconds
 from fltoolkit.systems.config import SystemsConfig
 from fltoolkit.training.cohort import Cohort
 
 log = logging.getLogger("fltk")
-
-IDLE_WAIT_S = 60.0  # simulated wait when too few clients are online to start a round
 
 Planner = Callable[[int, Sequence[int]], Cohort]  # (round, clients) -> their plan
 

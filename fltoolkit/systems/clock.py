@@ -13,6 +13,7 @@ import numpy as np
 from fltoolkit.systems.devices import DevicePopulation
 
 BITS_PER_KBIT = 1_000
+IDLE_WAIT_S = 60.0  # simulated wait before selecting again when too few clients are online
 
 
 def client_seconds(population: DevicePopulation, clients: np.ndarray,
