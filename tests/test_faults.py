@@ -74,14 +74,23 @@ def test_robust_strategies_resist_scaled_clients_where_fedavg_degrades(synthetic
     assert guarded["rejected_total"] > 0 and guarded["auc"] > clean_auc - 0.02
 
 
-def test_a_round_whose_aggregate_is_not_finite_is_discarded(synthetic_data, caplog):
-    loop = _loop(synthetic_data, rounds=1)
+@pytest.mark.parametrize("every_row", [False, True])
+def test_a_round_whose_aggregate_is_not_finite_is_discarded(synthetic_data, caplog, every_row):
+    """A diverging server step is undone: in the touched rows, or in every row for a
+    strategy that moves untouched ones too (DP's noise)."""
+    from fltoolkit.privacy.config import PrivacyConfig
+
+    loop = _loop(synthetic_data, rounds=1,
+                 privacy=PrivacyConfig(noise_multiplier=1.0) if every_row else None)
     before = {k: v.detach().clone() for k, v in loop.module.state_dict().items()}
 
     def explode(updates, server):  # a diverging server step: NaN dense, Inf in touched rows
         server.dense.fill_(float("nan"))
         for name, rows in updates[0].tables.items():
             server.tables[name][rows.ids] = float("inf")
+        if every_row:
+            for table in server.tables.values():
+                table[-1] += 1.0  # a row no update touched
 
     loop.strategy.aggregate = explode
     stats = loop.run_round(1)

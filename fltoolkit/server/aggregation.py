@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from fltoolkit.run.ranks import Ranks
@@ -24,9 +24,9 @@ def aggregate_or_roll_back(strategy: Strategy, updates: list[ClientUpdate],
     """
     tables = server_tables.owned()
     updates = [server_tables.owned_part(update) for update in updates]
-    if strategy.moves_every_row:
-        touched = {name: torch.arange(table.shape[0], device=table.device)
-                   for name, table in tables.items()}
+    touched: dict[str, Tensor | slice]
+    if strategy.moves_every_row:  # every row: saved and checked as whole tables
+        touched = {name: slice(None) for name in tables}
     else:
         touched = {name: torch.unique(ids) for name in tables
                    if (ids := table_ids(updates, name)) is not None}

@@ -253,8 +253,12 @@ class Strategy(ABC):
 
 
 def apply_rows(table: Tensor, rows: SparseRows, scale: float = 1.0) -> None:
-    """table[ids] += scale * values, in place."""
-    table.index_add_(0, rows.ids, rows.values, alpha=scale)
+    """table[ids] += scale * values, in place (ids unique and in range: as many as the table
+    has rows means all of them, in order, as DP's noised mean gives)."""
+    if rows.ids.numel() == table.shape[0]:
+        table.add_(rows.values, alpha=scale)
+    else:
+        table.index_add_(0, rows.ids, rows.values, alpha=scale)
 
 
 class StrategyWrapper(Strategy):
