@@ -42,6 +42,7 @@ class PrivacyPlan:
         self.why_not: str | None = None
         self.accountant: PrivacyAccountant | None = None
         self.delta: float | None = None
+        self.dp: DifferentialPrivacy | None = None
         self.last_allowed_round = rounds
         if config.enabled:
             _check_combinations(config, reject_norm_ratio, sharded)
@@ -164,7 +165,6 @@ class PrivacyPlan:
                 **({"why_not": self.why_not} if self.why_not else {}),
             }
         return statement
-
 
     def _rdp_for_comparison(self, rounds: int) -> dict[str, float]:
         """The RDP epsilon beside the PLD one (the issue's comparison); {} otherwise."""
