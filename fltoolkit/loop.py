@@ -7,6 +7,11 @@ selector -> every `eval_interval` rounds, evaluate. Each step returns its result
 adds them into one `RoundRow`. The global model is the LightningModule itself: a round's
 clients train on it in turn and leave it as they found it (see CohortTrainer).
 
+In async mode (`federated.mode async`, FedBuff) a round is one aggregation: the timeline
+(fltoolkit.asynchronous) runs the simulated clock to the next full buffer and trains the
+clients that started from the current model -> gate the buffered updates -> scale each by its
+staleness weight -> aggregate -> feed back, with the same evaluation and checkpoint cadence.
+
 Checkpoints, resuming and stopping on signals live in `fltoolkit.run.checkpointing`.
 """
 
@@ -27,6 +32,7 @@ import torch
 
 from datamodules.base import PreparedData
 from datamodules.clients import ClientTable
+from fltoolkit.asynchronous.rounds import AsyncRounds
 from fltoolkit.gate import UpdateGate
 from fltoolkit.privacy.config import PrivacyConfig
 from fltoolkit.privacy.local_tables import LocalTableStore
@@ -43,6 +49,7 @@ from fltoolkit.systems.admission import Admitted, admission_for
 from fltoolkit.systems.config import SystemsConfig
 from fltoolkit.training.cohort import CohortPlanner
 from fltoolkit.training.optimizer_state import ClientOptimizerStates
+from fltoolkit.training.updates import ClientUpdate
 from fltoolkit.training.vectorized import trainer_for
 from recsys.parts import split_parameters
 from recsys.sharding import ShardedTables
@@ -139,6 +146,9 @@ class FederatedLoop:
         self.parts = split_parameters(module, data.features.sparse)
         num_clients = data.train.num_clients
         config.check_clients(num_clients)
+        config.check_mode(devices=bool(systems and systems.enabled),
+                          privacy=bool(privacy and privacy.enabled),
+                          distributed=self.ranks.distributed)
         local = config.local_table_names(list(self.parts.tables), sharded_tables is not None)
         self.local_tables = (LocalTableStore({n: self.parts.tables[n].weight for n in local})
                              if local else None)
@@ -163,6 +173,9 @@ class FederatedLoop:
             optimizer_states=ClientOptimizerStates() if config.keep_optimizer_state else None)
         self.gate = UpdateGate(seed, config.faults, config.reject_norm_ratio,
                                uploads=self.strategy.uploads)
+        self.asynchronous = (AsyncRounds(config.async_policy(), self.planner, self.trainer,
+                                         self.selector, self.admission.population)
+                             if config.mode == "async" else None)
         self.participation = np.zeros(num_clients, dtype=np.int64)
         self.history: list[dict[str, Any]] = []
         self.completed_rounds, self.wall_time_s = 0, 0.0
@@ -187,11 +200,12 @@ class FederatedLoop:
 
     def _run_rounds(self) -> dict[str, Any]:
         started = time.perf_counter() - self.wall_time_s
+        step = self.run_round if self.asynchronous is None else self.run_aggregation
         for round_index in range(self.completed_rounds + 1, self.config.rounds + 1):
             if not self.privacy.allows(round_index):
                 self._stop_at_budget(round_index, started)
                 break
-            self.since_evaluation += self.run_round(round_index)
+            self.since_evaluation += step(round_index)
             evaluated = None
             if round_index % self.config.eval_interval == 0 or round_index == self.config.rounds:
                 evaluated = self.last = self._evaluate(round_index, started)
@@ -252,11 +266,48 @@ class FederatedLoop:
                        rejected=screened.rejected, crashed=screened.crashed,
                        bytes_up=screened.bytes_up, bytes_down=screened.bytes_down,
                        rows_up=screened.rows_up, losses=tuple(update.loss for update in accepted))
+        return row + self._aggregate(round_index, accepted, accepted, admitted.durations)
+
+    def run_aggregation(self, round_index: int) -> RoundRow:
+        """Async mode's round: the timeline's next aggregation (its clients that started from
+        the current model train now), then gate, scale by staleness, aggregate, feed back."""
+        started = time.perf_counter()
+        previous_s = self.admission.sim_time_s
+        due = self.asynchronous.next_aggregation()
+        aggregation = due.aggregation
+        self.participation[aggregation.to_train] += 1
+        self.strategy.start_round(round_index, [u.client for u in due.updates], self.seed)
+        screened = self.gate.screen(due.updates, round_index)
+        accepted = screened.accepted
+        self.asynchronous.settle(due, [u.client for u in accepted])
+        stale = self.gate.uploads(due.stale)
+        row = RoundRow(rounds=1, selected=aggregation.started, clients=len(aggregation.to_train),
+                       aggregated=len(accepted), rejected=screened.rejected,
+                       crashed=screened.crashed, dropped=len(aggregation.lost),
+                       bytes_up=screened.bytes_up + stale.bytes,
+                       bytes_down=screened.bytes_down + sum(u.download_bytes for u in due.stale),
+                       rows_up=screened.rows_up + stale.rows,
+                       losses=tuple(update.loss for update in accepted))
+        weights = due.weights()
+        row += self._aggregate(round_index, [u.scaled(weights[u.client]) for u in accepted],
+                               accepted, due.durations())
+        self.admission.sim_time_s = aggregation.clock_s  # the run's clock is the timeline's
+        self.hooks.on_round({"round": round_index, **row.counters(),
+                             "round_wall_s": round(time.perf_counter() - started, 4),
+                             "round_duration_s": round(aggregation.clock_s - previous_s, 3),
+                             "sim_time_s": round(aggregation.clock_s, 3), **due.columns()})
+        return row
+
+    def _aggregate(self, round_index: int, updates: list[ClientUpdate],
+                   accepted: list[ClientUpdate], durations: dict[int, float] | None) -> RoundRow:
+        """Apply the strategy to `updates` (the accepted ones, in async mode scaled by their
+        staleness weights) and feed the `accepted` ones back to the selector."""
+        row = RoundRow()
         if not accepted:
             log.warning("round %d: no valid update, the global model is unchanged", round_index)
             return row
         try:
-            applied = aggregate_or_roll_back(self.strategy, accepted, self.parts.dense,
+            applied = aggregate_or_roll_back(self.strategy, updates, self.parts.dense,
                                              self.server_tables, self.ranks)
         except RoundFailed as failed:
             log.warning("round %d: %s; the global model is unchanged", round_index, failed)
@@ -266,7 +317,7 @@ class FederatedLoop:
             log.warning("round %d: aggregation gave NaN/Inf weights; the round's update was "
                         "discarded (lower the server learning rate or use a robust strategy)",
                         round_index)
-        self.selector.feedback(round_index, accepted, admitted.durations)
+        self.selector.feedback(round_index, accepted, durations)
         return row
 
     def _evaluate(self, round_index: int, started: float) -> dict[str, Any]:

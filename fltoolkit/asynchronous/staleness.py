@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge")
 
@@ -36,7 +37,7 @@ class StalenessWeight:
         hinge: b of hinge: the staleness up to which updates count fully (>= 0).
     """
 
-    function: str = "polynomial"
+    function: Literal["constant", "polynomial", "hinge"] = "polynomial"
     exponent: float = 0.5
     slope: float = 1.0
     hinge: int = 0

@@ -78,6 +78,9 @@ def loop_state(loop: FederatedLoop) -> dict[str, Any]:
         "strategy": loop.strategy.state_dict(),
         "selector": loop.selector.state_dict(),
         "admission": loop.admission.state_dict(),
+        # async mode: the timeline and the updates and client states in flight
+        "asynchronous": (None if loop.asynchronous is None else
+                         loop.asynchronous.state_dict(list(loop.module.parameters()))),
         "local_tables": local_tables,
         "optimizer_states": optimizer_states,
         "wall_time_s": loop.wall_time_s,
@@ -112,6 +115,8 @@ def _restore(loop: FederatedLoop, state: dict[str, Any]) -> None:
     loop.strategy.load_state_dict(state["strategy"])
     loop.selector.load_state_dict(state["selector"])
     loop.admission.load_state_dict(state["admission"])
+    if loop.asynchronous is not None:
+        loop.asynchronous.load_state_dict(state["asynchronous"], list(loop.module.parameters()))
     own = loop.ranks.owns  # each rank keeps its own clients' state only
     if loop.local_tables is not None:
         loop.local_tables.load_state_dict(

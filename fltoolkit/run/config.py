@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 
+from fltoolkit.asynchronous import AsyncPolicy, StalenessWeight
 from fltoolkit.gate.faults import Faults
 from fltoolkit.selection import ClientSelector, UniformSelector
 from fltoolkit.strategies import FedAvg, Strategy
@@ -69,6 +70,19 @@ class FederatedConfig:
         sharding: how the server's embedding tables are split across torchrun ranks with
             TorchRec (`table_wise`: each table on one rank; `column_wise`: every table's
             columns split across the ranks); `none` keeps whole tables on every rank.
+        mode: `sync` (rounds: select, train, aggregate) or `async` (buffered asynchronous FL,
+            FedBuff, on the simulated clock of `systems`: `concurrency` clients train at every
+            moment and every `buffer_size` arrived updates are aggregated). In async mode a
+            "round" is one aggregation: `rounds`, `eval_interval` and `checkpoint_interval`
+            count aggregations.
+        concurrency: async: clients training at every moment; unset: `clients_per_round`.
+        buffer_size: async: arrived updates per aggregation; unset: half the concurrency
+            (at least 1).
+        staleness: async: the weight w(s) of an update s aggregations stale
+            (fltoolkit/asynchronous/staleness.py: `function` constant, polynomial (default,
+            `exponent` 0.5: 1/sqrt(1 + s)) or hinge (`slope`, `hinge`)).
+        max_staleness: async: updates staler than this are dropped (counted in rounds.csv
+            `dropped_stale`); unset: no limit.
     """
 
     enabled: bool = True
@@ -91,6 +105,11 @@ class FederatedConfig:
     vectorize: bool | Literal["auto"] = "auto"
     vectorize_memory_mb: float = 512
     device: str = "cpu"
+    mode: Literal["sync", "async"] = "sync"
+    concurrency: int | None = None
+    buffer_size: int | None = None
+    staleness: StalenessWeight | None = None
+    max_staleness: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("rounds", "clients_per_round", "batch_size", "eval_interval",
@@ -114,6 +133,45 @@ class FederatedConfig:
         self.selector = self.selector or UniformSelector()
         self.local_tables = self.local_tables or []
         self.faults = self.faults or Faults()
+        self.staleness = self.staleness or StalenessWeight()
+        self._check_async_keys()
+
+    def _check_async_keys(self) -> None:
+        set_keys = [key for key in ("concurrency", "buffer_size", "max_staleness")
+                    if getattr(self, key) is not None]
+        if self.mode == "sync" and set_keys:
+            raise ValueError(f"federated.{', federated.'.join(set_keys)}: asynchronous settings; "
+                             "set federated.mode async to use them")
+        for key in ("concurrency", "buffer_size"):
+            if (getattr(self, key) or 1) < 1:
+                raise ValueError(f"federated.{key} must be >= 1, got {getattr(self, key)}")
+        if (self.max_staleness or 0) < 0:
+            raise ValueError(f"federated.max_staleness must be >= 0, got {self.max_staleness}")
+
+    def async_policy(self) -> AsyncPolicy:
+        """The asynchronous server's settings, with the defaults resolved."""
+        concurrency = self.concurrency or self.clients_per_round
+        return AsyncPolicy(concurrency, self.buffer_size or max(1, concurrency // 2),
+                           self.staleness, self.max_staleness)
+
+    def check_mode(self, *, devices: bool, privacy: bool, distributed: bool) -> None:
+        """Refuse what async mode cannot run (yet), in one line naming the keys."""
+        if self.mode != "async":
+            return
+        if not devices:
+            raise ConfigError("federated.mode async runs on the simulated clock: set "
+                              "systems.enabled true")
+        if privacy:
+            raise ConfigError("federated.mode async with the privacy section enabled is refused "
+                              "for now: DP and secure aggregation are defined over a round's "
+                              "cohort, which is not known when asynchronous clients start")
+        if self.sharding != "none":
+            raise ConfigError(f"federated.mode async with federated.sharding {self.sharding} is "
+                              "refused for now: asynchronous runs use one process")
+        if distributed:
+            raise ConfigError("federated.mode async under torchrun is refused for now: ranks "
+                              "are not yet shown to give the metrics of one process; run it "
+                              "in one process")
 
     def _check_device(self) -> None:
         try:

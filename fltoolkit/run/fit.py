@@ -111,6 +111,9 @@ def run_experiment(cli: Any, name: str, ranks: Ranks) -> Path | None:
     sharded = build_model(cli.model, datamodule.feature_spec, federated.sharding, ranks)
     if federated.enabled:  # before the run directory exists: a refused run leaves nothing
         federated.check_clients(datamodule.data.train.num_clients)
+        federated.check_mode(devices=cli.config_init["systems"].enabled,
+                             privacy=cli.config_init["privacy"].enabled,
+                             distributed=ranks.distributed)
         federated.local_table_names(list(embedding_tables(cli.model)), sharded is not None)
         if cli.config_init["privacy"].enabled:
             PrivacyPlan.for_run(cli.config_init["privacy"], federated,

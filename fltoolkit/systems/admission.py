@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fltoolkit.selection.base import ClientSelector
-from fltoolkit.systems.clock import IDLE_WAIT_S, client_seconds
+from fltoolkit.systems.clock import IDLE_WAIT_S, cohort_seconds
 from fltoolkit.systems.config import SystemsConfig
 from fltoolkit.training.cohort import Cohort
 
@@ -96,8 +96,7 @@ class DeviceAdmission(Admission):
                         round_index, len(selected), self.policy.min_updates)
             return self._skipped(plan, round_index, len(selected), IDLE_WAIT_S)
         cohort = plan(round_index, selected.tolist())
-        seconds = client_seconds(self.population, selected, cohort.download_bytes,
-                                 np.array(cohort.samples_trained), cohort.upload_bytes)
+        seconds = cohort_seconds(self.population, cohort)
         online = (np.ones(len(selected), dtype=bool) if availability is None else
                   availability.online_throughout(selected, np.full(len(selected), self.sim_time_s),
                                                  self.sim_time_s + seconds))

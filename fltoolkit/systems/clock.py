@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from fltoolkit.systems.devices import DevicePopulation
+from fltoolkit.training.cohort import Cohort
 
 BITS_PER_KBIT = 1_000
 IDLE_WAIT_S = 60.0  # simulated wait before selecting again when too few clients are online
@@ -29,3 +30,10 @@ def client_seconds(population: DevicePopulation, clients: np.ndarray,
     compute = np.asarray(samples_trained, np.float64) * compute_ms / 1_000
     upload = np.asarray(upload_bytes, np.float64) * 8 / (up_kbps * BITS_PER_KBIT)
     return download + compute + upload
+
+
+def cohort_seconds(population: DevicePopulation, cohort: Cohort) -> np.ndarray:
+    """Seconds each client of a planned cohort needs: its plan's bytes and samples."""
+    return client_seconds(population, np.asarray(cohort.clients, dtype=np.int64),
+                          cohort.download_bytes, np.array(cohort.samples_trained),
+                          cohort.upload_bytes)

@@ -64,10 +64,23 @@ class Availability:
         return found & (self.end_s[position] >= end) if len(self.end_s) else found
 
     def online_at(self, num_clients: int, seconds: float) -> np.ndarray:
-        """[num_clients] whether each client is online at this simulated time."""
-        clients = np.arange(num_clients)
-        return self.online_throughout(clients, np.full(num_clients, seconds),
-                                      np.full(num_clients, seconds))
+        """[num_clients] whether each client is online at this simulated time: inside an
+        interval [start, end), so that it stays online a while (`session_end` is later)."""
+        return self.session_end(np.arange(num_clients), seconds) > seconds
+
+    def session_end(self, clients: np.ndarray, seconds: float) -> np.ndarray:
+        """When each client's online interval containing this simulated time ends (simulated
+        seconds, > `seconds`); `seconds` itself for a client offline then. As in
+        `online_throughout`, an interval ending at the period's wrap ends the session."""
+        clients = np.asarray(clients, dtype=np.int64) % self.num_clients
+        within = seconds % self.period_s
+        if not len(self.end_s):
+            return np.full(len(clients), float(seconds))
+        position = np.searchsorted(self._keyed(self.start_s), self._key(clients, within),
+                                   side="right") - 1
+        found = (position >= self.offsets[clients]) & (position < self.offsets[clients + 1])
+        end = self.end_s[np.clip(position, 0, len(self.end_s) - 1)]
+        return np.where(found & (end > within), seconds + (end - within), float(seconds))
 
     def _key(self, clients: np.ndarray, seconds: np.ndarray) -> np.ndarray:
         return clients * (2 * self.period_s) + seconds

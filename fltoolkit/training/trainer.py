@@ -117,13 +117,18 @@ class CohortTrainer:
     def keep(self, clients: list[int]) -> None:
         """Store the local rows and optimizer state of these clients from the last round
         (those whose updates the server accepted); the others' are dropped."""
-        for client in clients:
-            state = self.pending[client]
+        self.commit({client: self.pending[client] for client in clients})
+        self.pending = {}
+
+    def commit(self, states: Mapping[int, ClientState]) -> None:
+        """Store these clients' local rows and optimizer state: `keep` for states taken from
+        `pending` earlier (the asynchronous server holds them until the update is
+        aggregated, which may be several aggregations after training)."""
+        for client, state in states.items():
             for name, rows in state.local_rows.items():
                 self.local_tables.save(name, client, rows.ids, rows.values)
             if self.optimizer_states is not None:
                 self.optimizer_states.put(client, state.optimizer)
-        self.pending = {}
 
     def _is_local(self, table: str) -> bool:
         return self.local_tables is not None and table in self.local_tables
