@@ -200,6 +200,27 @@ def test_a_checkpoint_before_the_first_evaluation_saves_and_loads(synthetic_data
     assert resumed.test_clients.columns == loop.test_clients.columns
 
 
+def test_a_run_stopped_before_its_first_evaluation_exits_as_stopped(tmp_path, monkeypatch):
+    """A stop requested in round 1 of a run that evaluates every 5 rounds: checkpointed and
+    exit code 130, not a crash while building a report of no evaluation."""
+    from fltoolkit.loop import FederatedLoop
+
+    run_round = FederatedLoop.run_round
+
+    def stop_in_round(self, round_index):
+        self.request_stop()
+        return run_round(self, round_index)
+
+    monkeypatch.setattr(FederatedLoop, "run_round", stop_in_round)
+    run = tmp_path / "run"
+    code = main(["fit", "--experiment", EXPERIMENT, "--data.num_rows", "5000",
+                 "--data.init_args.cache_dir", str(tmp_path / "cache"),
+                 "--federated.rounds", "5", "--federated.eval_interval", "5",
+                 "--run_dir", str(run)])
+    assert code == 130
+    assert [path.name for path in list_checkpoints(run / "checkpoints")] == ["round_000001.pt"]
+
+
 def test_a_checkpoint_of_another_version_is_refused_by_name(synthetic_data):
     from fltoolkit.run.checkpointing import CheckpointError
     from tests.test_federated import _loop

@@ -222,7 +222,8 @@ def _train_federated(cli: Any, datamodule: CTRDataModule, sharded: ShardedTables
                 final = loop.run()
         except RunInterrupted:
             run_dir.write_clients(loop.client_report())
-            build_run_report(run_dir.path)  # from the CSVs; the caller closes the rest
+            if loop.history:  # from the CSVs (a run stopped before its first evaluation has
+                build_run_report(run_dir.path)  # nothing to report); the caller closes the rest
             raise
     run_dir.write_clients(loop.client_report())
     run_dir.save_model(server_model_state(loop))
