@@ -135,11 +135,10 @@ class DifferentialPrivacy(StrategyWrapper, SumStrategy):
                 generator: torch.Generator) -> UpdateSum:
         """The sum plus N(0, std^2) on the dense vector and every row of every shared table,
         every row weighted by the rows' fixed denominator."""
-        dense = total.dense + std * torch.randn(total.dense.shape, generator=generator,
-                                                device=total.dense.device)
+        dense = total.dense + _gaussian(total.dense.shape, std, generator, total.dense.device)
         rows = {}
         for name, table in server.tables.items():
-            noised = std * torch.randn(table.shape, generator=generator, device=table.device)
+            noised = _gaussian(table.shape, std, generator, table.device)
             if name in total.rows:
                 noised.index_add_(0, total.rows[name].ids, total.rows[name].values)
             every = torch.arange(table.shape[0], device=table.device)
@@ -160,3 +159,10 @@ class DifferentialPrivacy(StrategyWrapper, SumStrategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.strategy.load_state_dict(state["strategy"])
         self.clip_norm = state["clip_norm"]
+
+
+def _gaussian(shape: torch.Size, std: float, generator: torch.Generator,
+              device: torch.device) -> torch.Tensor:
+    """N(0, std^2) drawn in place into one new tensor: at 1M-row tables a separate multiply
+    by std cost a third of the draw again."""
+    return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)

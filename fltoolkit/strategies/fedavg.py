@@ -45,13 +45,15 @@ class FedAvg(SumStrategy):
                 for u in updates]
 
     def mean(self, total: UpdateSum) -> tuple[Tensor, dict[str, SparseRows]]:
-        """The weighted mean delta: dense, and row-wise per table."""
-        dense = total.dense / total.weight
+        """The weighted mean delta: dense, and row-wise per table. Divides the sum's tensors
+        in place (a sum is consumed by its step): under DP they span whole tables, where a
+        new tensor per table cost more than drawing the noise."""
+        dense = total.dense.div_(total.weight)
         rows = {}
         for table, summed in total.rows.items():
             denominator = (summed.weights[:, None] if self.sparse_weighting == "touched"
                            else total.weight)
-            rows[table] = SparseRows(summed.ids, summed.values / denominator)
+            rows[table] = SparseRows(summed.ids, summed.values.div_(denominator))
         return dense, rows
 
     def apply_sum(self, total: UpdateSum, server: ServerModel) -> None:

@@ -42,6 +42,7 @@ class Contribution(NamedTuple):
 @dataclass(frozen=True)
 class UpdateSum:
     """The sum of a round's contributions: all an averaging strategy learns of the round.
+    A step consumes it: its tensors may be divided in place.
 
     Attributes:
         dense: sum_k w_k * dense delta_k.
