@@ -42,3 +42,18 @@ def test_privacy_utility_runs_each_budget_and_reports(monkeypatch, capsys):
     assert list(runs) == ["no_dp", "clipping_only", "clipping_only_own_settings", "epsilon_10"]
     assert runs["no_dp"]["epsilon"] is None and math.isinf(runs["clipping_only"]["epsilon"])
     assert 0 < runs["epsilon_10"]["epsilon"] <= 10 and runs["epsilon_10"]["noise_multiplier"] > 0
+
+
+def test_async_vs_sync_reports_both_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import async_vs_sync
+
+    figures = async_vs_sync.main(["--rounds", "20", "--targets", "0.5", "--dir",
+                                  str(tmp_path)])
+
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == {"benchmark": "async_vs_sync", **figures}
+    for mode in ("sync", "async"):
+        assert figures[f"{mode}_sim_time_s"] > 0 and 0.5 < figures[f"{mode}_final_test_auc"]
+        assert figures["time_to_0.5"][mode] is not None
+    assert figures["async_over_sync_time_to_0.5"] > 0
