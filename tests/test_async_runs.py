@@ -10,6 +10,7 @@ import torch
 
 from fltoolkit.asynchronous import StalenessWeight
 from fltoolkit.loop import LoopHooks
+from fltoolkit.reports.staleness import parse_staleness_counts
 from fltoolkit.run.config import ConfigError, FederatedConfig
 from fltoolkit.systems.config import SystemsConfig
 from fltoolkit.systems.devices import Availability
@@ -42,6 +43,10 @@ def test_an_async_run_learns_and_reports_each_aggregation(synthetic_data):
     assert rows[0]["selected"] > 20  # the first 20, and replacements until the buffer filled
     assert max(row["max_staleness"] for row in rows) > 0
     assert {"mean_staleness", "dropped_stale", "sim_time_s", "round_duration_s"} <= set(rows[0])
+    for row in rows:  # the counts by staleness are the buffer the mean and the max describe
+        counts = parse_staleness_counts(row["staleness_counts"])
+        assert sum(counts.values()) == 10 and max(counts) == row["max_staleness"]
+        assert sum(s * n for s, n in counts.items()) / 10 == pytest.approx(row["mean_staleness"])
     clock = [row["sim_time_s"] for row in rows]
     assert clock == sorted(clock) and final["sim_time_s"] == clock[-1]
 

@@ -36,6 +36,14 @@ SUMMARY = {"mode": "federated", "strategy": "FedAvg", "selector": "Oort", "round
            "auc": 0.7365, "logloss": 0.18, "ne": 0.95, "gauc": 0.6, "calibration": 1.2,
            "bytes_up_total": 1396103880, "sim_time_s": 105.44, "rounds_to_target": None,
            "oracle_auc": 0.8258, "baseline_auc": 0.6164, "num_train": 174793}
+ASYNC_SUMMARY = {**SUMMARY, "federated_mode": "async", "concurrency": 20, "buffer_size": 10,
+                 "staleness": {"function": "hinge", "exponent": 0.5, "slope": 2.0, "hinge": 1},
+                 "max_staleness": 3}
+# Two aggregations: one client went offline, one update was dropped as staler than 3.
+ASYNC_ROUNDS = """round,dropped,mean_staleness,max_staleness,dropped_stale,staleness_counts
+1,1,0,0,0,0:2
+2,0,1.5,3,1,0:1;3:1
+"""
 SERVER_LEARNS = {
     "server_receives": "only the sum of the cohort's clipped, quantized updates",
     "row_ids": "the union of the cohort's touched rows per table",
@@ -191,3 +199,36 @@ def test_comparison_is_one_table_with_every_run(tmp_path):
     assert "exp/first" in table[2] and "0.7365" in table[2]
     assert "exp/second (interrupted" in table[3] and "0.6543" in table[3]
     assert "](../exp/first/plots/quality_vs_round.png)" in markdown.read_text()
+
+
+def test_an_async_run_report_lists_its_settings_and_what_staleness_cost(tmp_path):
+    record, plot = make_run(tmp_path, "async", ASYNC_SUMMARY)
+    (record.path / "rounds.csv").write_text(ASYNC_ROUNDS)
+    markdown, page = write_run_report(RunRecord.load(record.path), [plot])
+    text = markdown.read_text()
+    table = text.split("## Asynchronous\n\n", 1)[1].split("\n\n", 1)[0]
+    assert table.splitlines()[2:] == [
+        "| mode | async (FedBuff) |", "| concurrency | 20 |", "| buffer size | 10 |",
+        "| staleness function | hinge: w(s) = 1 up to s = 1, then 1 / (2 (s - 1) + 1) |",
+        "| max staleness | 3 |", "| updates lost (client offline) | 1 |",
+        "| dropped as stale | 1 |", "| mean staleness | 0.75 aggregations |"]
+    assert "| federated_mode | async |" in text
+    assert "<h2>Asynchronous</h2>" in page.read_text()
+
+
+def test_sync_and_centralized_reports_have_no_asynchronous_section(tmp_path):
+    for name, summary in (("sync", {**SUMMARY, "federated_mode": "sync"}),
+                          ("central", {**SUMMARY, "mode": "centralized"})):
+        record, plot = make_run(tmp_path, name, summary)
+        markdown, _ = write_run_report(record, [plot])
+        assert "Asynchronous" not in markdown.read_text()
+
+
+def test_comparing_a_sync_and_an_async_run_says_each_ones_mode(tmp_path):
+    sync, plot = make_run(tmp_path, "sync", {**SUMMARY, "federated_mode": "sync"})
+    asynchronous, _ = make_run(tmp_path, "async", ASYNC_SUMMARY)
+    central, _ = make_run(tmp_path, "central", {**SUMMARY, "mode": "centralized"})
+    markdown, _ = write_comparison([sync, asynchronous, central], [plot], tmp_path / "compare")
+    rows = [line for line in markdown.read_text().splitlines() if line.startswith("| exp/")]
+    assert [row.split(" | ")[1] for row in rows] == [
+        "federated (sync)", "federated (async)", "centralized"]

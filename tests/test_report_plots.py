@@ -44,6 +44,13 @@ PRIVATE_METRICS = """round,wall_time_s,auc,logloss,epsilon
 20,2.0,0.58,0.28,{}
 30,3.0,0.60,0.27,{}
 """
+# Async: three aggregations of three buffered updates; the last one dropped an update as stale.
+ASYNC_ROUNDS = """\
+round,round_duration_s,dropped,mean_staleness,max_staleness,dropped_stale,staleness_counts
+1,2.5,1,0,0,0,0:3
+2,3.5,0,0.6667,1,0,0:1;1:2
+3,1.5,0,1.3333,4,1,0:2;4:1
+"""
 CENTRAL_METRICS = """round,wall_time_s,auc,logloss
 1,5.0,0.70,0.20
 2,10.0,0.74,0.19
@@ -67,6 +74,11 @@ def _federated(path: Path) -> RunRecord:
                     {"mode": "federated", "auc": 0.66, "oracle_auc": 0.8, "baseline_auc": 0.6,
                      "centralized_auc": 0.74},
                     ROUNDS.format(duration="round_duration_s"), CLIENTS)
+
+
+def _async(path: Path) -> RunRecord:
+    return _run_dir(path, FEDERATED_METRICS, {"mode": "federated", "federated_mode": "async",
+                                              "auc": 0.66}, ASYNC_ROUNDS)
 
 
 def _central(path: Path) -> RunRecord:
@@ -152,3 +164,30 @@ def test_comparison_plots_auc_against_epsilon_when_a_run_has_one(tmp_path):
     plots = write_comparison_plots([fed, private], tmp_path / "both")
     assert _names(plots)[-1] == "compare_auc_vs_epsilon.png"
     _assert_png(plots[-1].path, ONE_PANEL)
+
+
+def test_an_async_run_gets_a_histogram_of_every_buffered_updates_staleness(tmp_path):
+    record = _async(tmp_path / "runs" / "async")
+    assert record.staleness_counts() == {0: 6, 1: 2, 4: 1}
+    plots = write_run_plots(record, tmp_path / "plots")
+    assert _names(plots)[-1] == "staleness.png"
+    assert plots[-1].title == ("Update staleness (9 buffered updates, mean 0.67 aggregations; "
+                               "1 dropped as too stale)")
+    _assert_png(plots[-1].path, ONE_PANEL)
+
+
+def test_a_sync_run_and_an_async_one_from_before_staleness_counts_get_no_histogram(tmp_path):
+    sync = write_run_plots(_federated(tmp_path / "runs" / "sync"), tmp_path / "sync")
+    without_counts = "\n".join(line.rsplit(",", 1)[0] for line in ASYNC_ROUNDS.splitlines())
+    older = _run_dir(tmp_path / "runs" / "older", FEDERATED_METRICS, rounds=without_counts)
+    assert older.federated_mode == "async" and older.staleness_counts() == {}
+    for plots in (sync, write_run_plots(older, tmp_path / "older")):
+        assert "staleness.png" not in _names(plots)
+
+
+def test_comparing_a_sync_and_an_async_run_overlays_them_against_simulated_time(tmp_path):
+    runs = [_federated(tmp_path / "runs" / "sync"), _async(tmp_path / "runs" / "async")]
+    assert [run.federated_mode for run in runs] == ["sync", "async"]
+    plots = write_comparison_plots(runs, tmp_path / "both")
+    assert _names(plots) == ["compare_auc_vs_round.png", "compare_logloss_vs_round.png",
+                             "compare_auc_vs_time.png"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,8 @@ from fltoolkit.reports.screenshot import find_chromium, screenshot
 from fltoolkit.reports.tensorboard import TensorBoardLog
 from fltoolkit.run.cli import main
 
-EXPERIMENT = str(Path(__file__).resolve().parents[1] / "experiments" / "taobao.yaml")
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = str(REPO / "experiments" / "taobao.yaml")
 PLOTS = {"quality_vs_round.png", "quality_vs_time.png", "client_auc.png", "participation.png",
          "bytes_per_round.png", "round_duration.png"}
 
@@ -119,6 +122,35 @@ def test_tensorboard_gets_a_finite_epsilon_and_the_rounds_failed_and_rows_receiv
     assert [(e.step, round(e.value, 3)) for e in epsilons] == [(10, 2.9), (20, 3.6)]  # no inf
     assert [e.value for e in events.Scalars("round/failed")] == [1]
     assert [e.value for e in events.Scalars("round/rows_up")] == [1713]
+
+
+def test_tensorboard_gets_the_staleness_of_async_rounds_and_skips_it_in_sync_ones(tmp_path):
+    log = TensorBoardLog(tmp_path / "tensorboard")
+    log.round({"round": 1, "aggregated": 10})  # sync: no staleness
+    log.round({"round": 2, "aggregated": 10, "mean_staleness": 1.5, "max_staleness": 4,
+               "dropped_stale": 2, "staleness_counts": "0:4;1:3;2:1;4:2"})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    for tag, value in (("mean_staleness", 1.5), ("max_staleness", 4), ("dropped_stale", 2)):
+        assert [(e.step, e.value) for e in events.Scalars(f"round/{tag}")] == [(2, value)]
+    assert "round/staleness_counts" not in events.Tags()["scalars"]
+
+
+def test_report_command_on_an_async_run_imports_no_torch(tmp_path):
+    run = tmp_path / "async"
+    run.mkdir()
+    (run / "metrics.csv").write_text("round,wall_time_s,auc,logloss,sim_time_s\n"
+                                     "1,1.0,0.6,0.3,2.5\n2,2.0,0.62,0.29,6.0\n")
+    (run / "rounds.csv").write_text("round,mean_staleness,max_staleness,staleness_counts\n"
+                                    "1,0,0,0:2\n2,0.5,1,0:1;1:1\n")
+    script = ("import sys; from fltoolkit.run.cli import main; "
+              f"code = main(['report', {str(run)!r}]); "
+              "print(code, 'torch' in sys.modules, 'lightning' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=REPO, timeout=120, check=True)
+    assert done.stdout.splitlines()[-1] == "0 False False"
+    assert (run / "plots" / "staleness.png").exists()
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="Debian's chromium is not installed")

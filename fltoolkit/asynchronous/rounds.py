@@ -24,6 +24,7 @@ from torch import nn
 from fltoolkit.asynchronous.policy import AsyncPolicy
 from fltoolkit.asynchronous.records import Aggregation
 from fltoolkit.asynchronous.timeline import AsyncTimeline
+from fltoolkit.reports.staleness import staleness_counts
 from fltoolkit.selection.base import ClientSelector
 from fltoolkit.systems.clock import cohort_seconds
 from fltoolkit.systems.devices import DevicePopulation
@@ -57,11 +58,13 @@ class DueAggregation:
         return {arrival.client: arrival.arrival_s - arrival.start_s for arrival in arrived}
 
     def columns(self) -> dict[str, Any]:
-        """The asynchronous columns of rounds.csv."""
+        """The asynchronous columns of rounds.csv: the buffered updates' staleness (summed up,
+        and counted by value in `staleness_counts`) and the updates dropped as too stale."""
         staleness = [arrival.staleness for arrival in self.aggregation.buffered]
         return {"mean_staleness": round(float(np.mean(staleness)), 4),
                 "max_staleness": max(staleness),
-                "dropped_stale": len(self.aggregation.dropped_stale)}
+                "dropped_stale": len(self.aggregation.dropped_stale),
+                "staleness_counts": staleness_counts(staleness)}
 
 
 class AsyncRounds:

@@ -20,7 +20,7 @@ from urllib.parse import quote
 from fltoolkit.reports.record import RunRecord
 
 # Keys of summary.json (or of the last evaluation) shown for a run, in this order.
-ABOUT_STRATEGY = ("mode", "strategy")  # the strategy's hyper-parameters follow these
+ABOUT_STRATEGY = ("mode", "federated_mode", "strategy")  # the strategy's hyper-parameters follow
 ABOUT_RUN = ("selector", "rounds", "epochs", "clients_per_round", "local_tables",
              "num_train", "num_validation", "num_test", "num_clients", "model_parameters")
 FINAL_METRICS = ("auc", "logloss", "ne", "gauc", "calibration", "evaluated_on", "best_round",
@@ -30,6 +30,11 @@ FINAL_METRICS = ("auc", "logloss", "ne", "gauc", "calibration", "evaluated_on", 
 COMPARED = ("mode", "strategy", "selector", "rounds", "auc", "logloss", "gauc", "calibration",
             "sim_time_s", "time_to_target", "wall_time_s")
 CONFIG_SECTIONS = ("model", "federated", "systems", "data")
+# Async runs: (label, summary key) of the server's settings, (label, rounds.csv column) of
+# what was counted over the run.
+ASYNC_SETTINGS = (("concurrency", "concurrency"), ("buffer size", "buffer_size"))
+ASYNC_TOTALS = (("updates lost (client offline)", "dropped"),
+                ("dropped as stale", "dropped_stale"))
 # (summary key, label, what the reference is): AUCs a run is measured against, when known.
 REFERENCES = (("oracle_auc", "oracle AUC", "planted model"),
               ("baseline_auc", "popularity baseline AUC", "item click rate"),
@@ -142,14 +147,23 @@ def _run_document(record: RunRecord, plots: Sequence[PlotLike]) -> Document:
                     [*_section("Final metrics", ("metric", "value"),
                                _present(facts, FINAL_METRICS)),
                      *_references(facts), *_server_learns(facts), *_what_ran(facts),
-                     *_figures(plots),
+                     *_asynchronous(record), *_figures(plots),
                      *_hyperparameters(record.config)])
 
 
 def _comparison_document(records: Sequence[RunRecord], plots: Sequence[PlotLike]) -> Document:
-    rows = [(_label(record), *_cells(record.final(), COMPARED)) for record in records]
+    rows = [(_label(record), *_cells({**record.final(), "mode": _mode(record)}, COMPARED))
+            for record in records]
     return Document(f"Comparison of {len(records)} runs",
                     [Heading("Runs"), Table(("run", *COMPARED), rows), *_figures(plots)])
+
+
+def _mode(record: RunRecord) -> str:
+    """How a run trained, told apart down to sync and async federated rounds, so a comparison
+    of the two says which is which."""
+    if record.federated_mode is None:
+        return str(record.final().get("mode", "centralized"))
+    return f"federated ({record.federated_mode})"
 
 
 def _status(record: RunRecord) -> str:
@@ -179,6 +193,40 @@ def _what_ran(facts: dict[str, Any]) -> list[Block]:
     if facts.get("strategy_summary"):
         blocks.append(Preformatted(str(facts["strategy_summary"])))
     return blocks
+
+
+def _asynchronous(record: RunRecord) -> list[Block]:
+    """The async server's settings (summary.json) and what came of them over the run
+    (rounds.csv): updates lost to clients going offline, dropped as too stale, and the
+    buffered updates' mean staleness; nothing for sync and centralized runs."""
+    if record.federated_mode != "async":
+        return []
+    facts, rounds = record.final(), record.rounds
+    items = [("mode", "async (FedBuff)"),
+             *((label, facts[key]) for label, key in ASYNC_SETTINGS if key in facts)]
+    if isinstance(facts.get("staleness"), dict):
+        items.append(("staleness function", _staleness_function(facts["staleness"])))
+    if "max_staleness" in facts:
+        limit = facts["max_staleness"]
+        items.append(("max staleness", "none" if limit is None else limit))
+    items += [(label, int(rounds[column].sum()))
+              for label, column in ASYNC_TOTALS if column in rounds.columns]
+    counts = record.staleness_counts()
+    if counts:
+        mean = sum(s * n for s, n in counts.items()) / sum(counts.values())
+        items.append(("mean staleness", f"{mean:.2f} aggregations"))
+    return _section("Asynchronous", ("setting", "value"), items)
+
+
+def _staleness_function(weight: dict[str, Any]) -> str:
+    """The staleness weight as its formula with its parameters (staleness.py)."""
+    function = weight.get("function")
+    if function == "polynomial":
+        return f"polynomial: w(s) = (1 + s)^-{weight['exponent']:g}"
+    if function == "hinge":
+        return (f"hinge: w(s) = 1 up to s = {weight['hinge']}, then "
+                f"1 / ({weight['slope']:g} (s - {weight['hinge']}) + 1)")
+    return "constant: w(s) = 1"
 
 
 def _hyperparameters(config: dict[str, Any]) -> list[Block]:

@@ -64,7 +64,8 @@ def write_run_plots(record: RunRecord, out_dir: Path) -> list[Plot]:
                                    "AUC and logloss vs simulated time"))
     plots += [_epsilon_plot([record], out_dir / "auc_vs_epsilon.png"),
               _client_auc_plot(record, out_dir), _participation_plot(record, out_dir),
-              _bytes_plot(record, out_dir), _round_duration_plot(record, out_dir)]
+              _bytes_plot(record, out_dir), _round_duration_plot(record, out_dir),
+              _staleness_plot(record, out_dir)]
     return [plot for plot in plots if plot is not None]
 
 
@@ -165,11 +166,28 @@ def _round_duration_plot(record: RunRecord, out_dir: Path) -> Plot | None:
     return None
 
 
+def _staleness_plot(record: RunRecord, out_dir: Path) -> Plot | None:
+    """How stale the updates an async server aggregated were, update by update (rounds.csv's
+    `staleness_counts`, summed over the aggregations): the price of not waiting for slow
+    clients. None for sync runs, which have no staleness."""
+    counts = record.staleness_counts()
+    if not counts:
+        return None
+    staleness = np.repeat(list(counts), list(counts.values()))
+    dropped = int(_finite(record.rounds, "dropped_stale")["dropped_stale"].sum())
+    title = (f"Update staleness ({staleness.size:,} buffered updates, "
+             f"mean {staleness.mean():.2f} aggregations; {dropped:,} dropped as too stale)")
+    bins = np.arange(-0.5, staleness.max() + 1.5)
+    return _histogram(staleness, bins, "staleness (aggregations)", "updates",
+                      out_dir / "staleness.png", title, integer_x=True)
+
+
 def _run_line(record: RunRecord, x: str, y: str, scale: float = 1.0) -> _Line:
-    """A run's evaluations as one comparison curve, named after the run so the legend tells
-    runs apart."""
+    """A run's evaluations as one comparison curve, named after the run (and "async" for an
+    async one, whose rounds are aggregations) so the legend tells runs apart."""
     data = _finite(record.evaluations, x, y)
-    return _Line(record.name, data[x].to_numpy() / scale, data[y].to_numpy())
+    label = f"{record.name} (async)" if record.federated_mode == "async" else record.name
+    return _Line(label, data[x].to_numpy() / scale, data[y].to_numpy())
 
 
 def _pooled_auc(record: RunRecord) -> float | None:

@@ -15,6 +15,8 @@ from typing import Any
 import polars as pl
 import yaml
 
+from fltoolkit.reports.staleness import parse_staleness_counts
+
 
 class RunRecordError(ValueError):
     """A directory that is not a run directory (no metrics.csv and no summary.json)."""
@@ -58,6 +60,29 @@ class RunRecord:
     @property
     def finished(self) -> bool:
         return bool(self.summary)
+
+    @property
+    def federated_mode(self) -> str | None:
+        """sync or async for a federated run, None for a centralized one: summary.json's, else
+        (interrupted runs, runs from before summary.json said it) rounds.csv's, where only
+        async rounds have staleness columns."""
+        if "federated_mode" in self.summary:
+            return self.summary["federated_mode"]
+        if "mean_staleness" in self.rounds.columns:
+            return "async"
+        return "sync" if self.rounds.height or self.summary.get("mode") == "federated" else None
+
+    def staleness_counts(self) -> dict[int, int]:
+        """Buffered updates by staleness over the whole run, in increasing staleness, from
+        rounds.csv's `staleness_counts` cells; {} for sync runs and async runs from before
+        the column."""
+        if "staleness_counts" not in self.rounds.columns:
+            return {}
+        totals: dict[int, int] = {}
+        for cell in self.rounds["staleness_counts"].drop_nulls().cast(pl.String):
+            for staleness, count in parse_staleness_counts(cell).items():
+                totals[staleness] = totals.get(staleness, 0) + count
+        return dict(sorted(totals.items()))
 
     def final(self) -> dict[str, Any]:
         """The final metrics: summary.json's, else the last evaluation's ({} if none)."""

@@ -2,7 +2,8 @@
 
 Evaluations are logged against the round (the epoch when centralized) under `eval/`, and
 again against simulated seconds under `eval_vs_sim_time/` when devices are simulated;
-per-round bookkeeping (bytes, rows, clients, failed rounds, durations) goes under `round/`.
+per-round bookkeeping (bytes, rows, clients, failed rounds, durations and, in async mode,
+staleness) goes under `round/`; a scalar a row lacks (staleness in sync rounds) is skipped.
 An infinite epsilon (DP without noise) is left out: a scalar curve cannot draw it.
 """
 
@@ -18,7 +19,8 @@ from torch.utils.tensorboard import SummaryWriter
 EVALUATION_SCALARS = ("auc", "logloss", "ne", "gauc", "calibration", "train_loss",
                       "clients_seen", "epsilon")
 ROUND_SCALARS = ("aggregated", "rejected", "dropped", "stragglers", "failed", "bytes_up",
-                 "bytes_down", "rows_up", "round_duration_s", "round_wall_s")
+                 "bytes_down", "rows_up", "round_duration_s", "round_wall_s",
+                 "mean_staleness", "max_staleness", "dropped_stale")  # the last three: async
 
 
 class TensorBoardLog:

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from fltoolkit.run.checkpointing import (
     server_model_state,
     stop_on_signals,
 )
-from fltoolkit.run.config import check_run
+from fltoolkit.run.config import FederatedConfig, check_run
 from fltoolkit.run.ranks import Ranks
 from fltoolkit.run.summary import log_evaluation, summary
 from recsys.parts import embedding_tables
@@ -233,11 +233,23 @@ def _train_federated(cli: Any, datamodule: CTRDataModule, sharded: ShardedTables
                    "strategy_hyperparameters": strategy.hyperparameters(),
                    "strategy_summary": strategy.summary(), "rounds": federated.rounds,
                    "clients_per_round": federated.clients_per_round,
+                   **_federated_mode(federated),
                    "local_tables": list(loop.local_tables.initial) if loop.local_tables else [],
                    "selector": type(loop.selector).__name__,
                    "trainer": type(loop.trainer).__name__,
                    "server_learns": loop.server_learns(),
                    **cli.config_init["report"].to_target(loop.history)}
+
+
+def _federated_mode(federated: FederatedConfig) -> dict[str, Any]:
+    """summary.json's `federated_mode` and, in async mode, the server's resolved settings
+    (the defaults filled in), which the report's asynchronous table shows."""
+    if federated.mode != "async":
+        return {"federated_mode": federated.mode}
+    policy = federated.async_policy()
+    return {"federated_mode": "async", "concurrency": policy.concurrency,
+            "buffer_size": policy.buffer_size, "staleness": asdict(policy.staleness),
+            "max_staleness": policy.max_staleness}
 
 
 def _follow(cli: Any, datamodule: CTRDataModule, sharded: ShardedTables | None,
