@@ -147,8 +147,7 @@ class FederatedLoop:
         num_clients = data.train.num_clients
         config.check_clients(num_clients)
         config.check_mode(devices=bool(systems and systems.enabled),
-                          privacy=bool(privacy and privacy.enabled),
-                          distributed=self.ranks.distributed)
+                          privacy=bool(privacy and privacy.enabled))
         local = config.local_table_names(list(self.parts.tables), sharded_tables is not None)
         self.local_tables = (LocalTableStore({n: self.parts.tables[n].weight for n in local})
                              if local else None)
@@ -174,7 +173,7 @@ class FederatedLoop:
         self.gate = UpdateGate(seed, config.faults, config.reject_norm_ratio,
                                uploads=self.strategy.uploads)
         self.asynchronous = (AsyncRounds(config.async_policy(), self.planner, self.trainer,
-                                         self.selector, self.admission.population)
+                                         self.selector, self.admission.population, self.ranks)
                              if config.mode == "async" else None)
         self.participation = np.zeros(num_clients, dtype=np.int64)
         self.history: list[dict[str, Any]] = []

@@ -102,9 +102,7 @@ def test_async_refusals_are_one_line_naming_the_keys(synthetic_data):
         _async_loop(synthetic_data, privacy=PrivacyConfig(noise_multiplier=1.0))
     config = FederatedConfig(mode="async", sharding="table_wise")
     with pytest.raises(ConfigError, match="federated.sharding table_wise"):
-        config.check_mode(devices=True, privacy=False, distributed=True)
-    with pytest.raises(ConfigError, match="torchrun"):
-        FederatedConfig(mode="async").check_mode(devices=True, privacy=False, distributed=True)
+        config.check_mode(devices=True, privacy=False)
     with pytest.raises(ValueError, match="federated.buffer_size: asynchronous settings"):
         FederatedConfig(buffer_size=4)
     policy = FederatedConfig(mode="async", clients_per_round=9).async_policy()

@@ -28,6 +28,9 @@ EXACT = ("round", "clients_seen", "bytes_up_per_round", "bytes_down_per_round", 
 # accounted as fixed-size sampling
 PRIVATE = ["--privacy.noise_multiplier", "0.5", "--privacy.target_quantile", "0.5",
            "--privacy.secure_aggregation", "true"]
+# FedBuff: updates, local rows and optimizer state in flight across aggregations
+ASYNC = ["--federated.mode", "async", "--systems.enabled", "true",
+         "--federated.buffer_size", "6"]
 
 
 def _args(tmp_path: Path, run: str) -> list[str]:
@@ -53,14 +56,15 @@ def _launch(args: list[str], ranks: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("privacy", [[], PRIVATE], ids=["plain", "dp_and_secure_aggregation"])
-def test_two_ranks_give_the_metrics_of_one(tmp_path, privacy):
-    assert main([*_args(tmp_path, "one"), *privacy]) == 0
-    launched = _launch([*_args(tmp_path, "two"), *privacy], ranks=2)
+@pytest.mark.parametrize("extra", [[], PRIVATE, ASYNC],
+                         ids=["plain", "dp_and_secure_aggregation", "async"])
+def test_two_ranks_give_the_metrics_of_one(tmp_path, extra):
+    assert main([*_args(tmp_path, "one"), *extra]) == 0
+    launched = _launch([*_args(tmp_path, "two"), *extra], ranks=2)
     assert launched.returncode == 0, launched.stderr[-3000:]
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert len(one) == len(two) == 3
-    exact = (*EXACT, "epsilon") if privacy else EXACT
+    exact = (*EXACT, "epsilon") if extra is PRIVATE else EXACT
     for single, split in zip(one, two, strict=True):
         assert {k: single[k] for k in exact} == {k: split[k] for k in exact}
         for key in ("auc", "logloss", "gauc", "train_loss"):
@@ -72,6 +76,11 @@ def test_two_ranks_give_the_metrics_of_one(tmp_path, privacy):
     split_state = load_latest(tmp_path / "two" / "checkpoints")[1]
     assert split_state["local_tables"]["user"].keys() == single_state["local_tables"]["user"].keys()
     assert split_state["optimizer_states"].keys() == single_state["optimizer_states"].keys()
+    if extra is ASYNC:  # and the states held with updates still in flight
+        for key in ("local_rows", "optimizers"):
+            assert (split_state["asynchronous"][key].keys()
+                    == single_state["asynchronous"][key].keys()), key
+        assert single_state["asynchronous"]["local_rows"]
     for name, value in single_state["module"].items():
         torch.testing.assert_close(split_state["module"][name], value, atol=TOLERANCE, rtol=0)
 

@@ -25,6 +25,7 @@ from fltoolkit.asynchronous.policy import AsyncPolicy
 from fltoolkit.asynchronous.records import Aggregation
 from fltoolkit.asynchronous.timeline import AsyncTimeline
 from fltoolkit.reports.staleness import staleness_counts
+from fltoolkit.run.ranks import Ranks
 from fltoolkit.selection.base import ClientSelector
 from fltoolkit.systems.clock import cohort_seconds
 from fltoolkit.systems.devices import DevicePopulation
@@ -76,11 +77,16 @@ class AsyncRounds:
         trainer: trains cohorts from the current global model.
         selector: fills free slots among the clients online and not busy.
         population: the simulated devices (run times; availability: when clients go offline).
+        ranks: the processes sharing the training: each trains its own clients of `to_train`
+            and every rank receives every update (the timeline runs identically on each);
+            a client's local state stays on the rank that owns it.
     """
 
     def __init__(self, policy: AsyncPolicy, planner: CohortPlanner, trainer: CohortTrainer,
-                 selector: ClientSelector, population: DevicePopulation) -> None:
+                 selector: ClientSelector, population: DevicePopulation,
+                 ranks: Ranks | None = None) -> None:
         self.planner, self.trainer, self.selector = planner, trainer, selector
+        self.ranks = ranks or Ranks()
         self.population = population
         self.num_clients = planner.data.num_clients
         availability = population.availability
@@ -95,8 +101,10 @@ class AsyncRounds:
         current version; hand over the updates it consumes."""
         aggregation = self.timeline.advance()
         if aggregation.to_train:
-            cohort = self.planner.plan_round(aggregation.version, aggregation.to_train)
-            for update in self.trainer.train_round(cohort):
+            mine = [client for client in aggregation.to_train if self.ranks.owns(client)]
+            trained = self.trainer.train_round(self.planner.plan_round(aggregation.version, mine))
+            for update in self.ranks.cohort_updates(aggregation.to_train, trained,
+                                                    self.trainer.dense_size):
                 self.updates[update.client] = standalone(update)
             self.states.update(self.trainer.pending)
             self.trainer.pending = {}
@@ -105,10 +113,11 @@ class AsyncRounds:
                               [self.updates.pop(a.client) for a in aggregation.dropped_stale])
 
     def settle(self, due: DueAggregation, accepted: list[int]) -> None:
-        """The consumed clients' local state: stored for the aggregated ones, else dropped."""
+        """The consumed clients' local state (those of this rank): stored for the aggregated
+        ones, else dropped."""
         consumed = [a.client for a in due.aggregation.buffered + due.aggregation.dropped_stale]
-        held = {client: self.states.pop(client) for client in consumed}
-        self.trainer.commit({client: held[client] for client in accepted})
+        held = {client: self.states.pop(client) for client in consumed if client in self.states}
+        self.trainer.commit({client: held[client] for client in accepted if client in held})
 
     def _select(self, now_s: float, free: int, busy: frozenset[int]) -> list[int]:
         availability = self.population.availability
@@ -143,7 +152,8 @@ class AsyncRounds:
         optimizers.load_state_dict(state["optimizers"], parameters)
         self.states = {client: ClientState({name: SparseRows(*pair) for name, pair in rows.items()},
                                            optimizers.states.get(client))
-                       for client, rows in state["local_rows"].items()}
+                       for client, rows in state["local_rows"].items()
+                       if self.ranks.owns(client)}  # a checkpoint holds every rank's
 
 
 def standalone(update: ClientUpdate) -> ClientUpdate:

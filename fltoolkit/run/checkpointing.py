@@ -64,14 +64,20 @@ def loop_state(loop: FederatedLoop) -> dict[str, Any]:
     """Everything a resumed run needs to continue exactly.
 
     Collective under several ranks: each holds its own clients' local rows and optimizer
-    state, and rank 0, which writes the checkpoints, receives all of them; on the other
-    ranks these two entries are None."""
+    state (in async mode also those held with updates in flight), and rank 0, which writes
+    the checkpoints, receives all of them; on the other ranks these entries are None."""
     local_tables = _merged_by_client(loop.ranks.gather_on_main(
         loop.local_tables.state_dict() if loop.local_tables else None), depth=2)
     optimizer_states = loop.trainer.optimizer_states
     optimizer_states = _merged_by_client(loop.ranks.gather_on_main(
         optimizer_states.state_dict(list(loop.module.parameters()))
         if optimizer_states else None), depth=1)
+    asynchronous = None
+    if loop.asynchronous is not None:  # the states held with updates in flight: per rank too
+        asynchronous = loop.asynchronous.state_dict(list(loop.module.parameters()))
+        for key in ("local_rows", "optimizers"):
+            asynchronous[key] = _merged_by_client(loop.ranks.gather_on_main(asynchronous[key]),
+                                                  depth=1)
     return {
         "completed_rounds": loop.completed_rounds,
         "module": loop.module.state_dict(),
@@ -79,8 +85,7 @@ def loop_state(loop: FederatedLoop) -> dict[str, Any]:
         "selector": loop.selector.state_dict(),
         "admission": loop.admission.state_dict(),
         # async mode: the timeline and the updates and client states in flight
-        "asynchronous": (None if loop.asynchronous is None else
-                         loop.asynchronous.state_dict(list(loop.module.parameters()))),
+        "asynchronous": asynchronous,
         "local_tables": local_tables,
         "optimizer_states": optimizer_states,
         "wall_time_s": loop.wall_time_s,

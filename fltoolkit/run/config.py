@@ -154,7 +154,7 @@ class FederatedConfig:
         return AsyncPolicy(concurrency, self.buffer_size or max(1, concurrency // 2),
                            self.staleness, self.max_staleness)
 
-    def check_mode(self, *, devices: bool, privacy: bool, distributed: bool) -> None:
+    def check_mode(self, *, devices: bool, privacy: bool) -> None:
         """Refuse what async mode cannot run (yet), in one line naming the keys."""
         if self.mode != "async":
             return
@@ -167,11 +167,7 @@ class FederatedConfig:
                               "cohort, which is not known when asynchronous clients start")
         if self.sharding != "none":
             raise ConfigError(f"federated.mode async with federated.sharding {self.sharding} is "
-                              "refused for now: asynchronous runs use one process")
-        if distributed:
-            raise ConfigError("federated.mode async under torchrun is refused for now: ranks "
-                              "are not yet shown to give the metrics of one process; run it "
-                              "in one process")
+                              "refused for now: tables are whole on every rank in async mode")
 
     def _check_device(self) -> None:
         try:

@@ -112,8 +112,7 @@ def run_experiment(cli: Any, name: str, ranks: Ranks) -> Path | None:
     if federated.enabled:  # before the run directory exists: a refused run leaves nothing
         federated.check_clients(datamodule.data.train.num_clients)
         federated.check_mode(devices=cli.config_init["systems"].enabled,
-                             privacy=cli.config_init["privacy"].enabled,
-                             distributed=ranks.distributed)
+                             privacy=cli.config_init["privacy"].enabled)
         federated.local_table_names(list(embedding_tables(cli.model)), sharded is not None)
         if cli.config_init["privacy"].enabled:
             PrivacyPlan.for_run(cli.config_init["privacy"], federated,
