@@ -41,7 +41,8 @@ class DifferentialPrivacy(StrategyWrapper, SumStrategy):
             expected_clients). A row is touched by a few of the cohort, so dividing its sum by
             the cohort size moves it much less than FedAvg's touched-only mean; any constant
             keeps the guarantee (it does not depend on the data), at the price of the noise
-            it divides less.
+            it divides less. Read through the rows' weights, so by the inner strategy's
+            default `sparse_weighting: touched` (`global` divides by expected_clients).
         target_quantile: adaptive clipping: the fraction of clients whose update norm C
             should bound (the paper uses 0.5); None keeps C fixed.
         clip_learning_rate: adaptive clipping's geometric step eta_C (0.2 in the paper).
