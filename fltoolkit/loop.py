@@ -33,6 +33,8 @@ import torch
 from datamodules.base import PreparedData
 from datamodules.clients import ClientTable
 from fltoolkit.asynchronous.rounds import AsyncRounds
+from fltoolkit.embeddings.config import EmbeddingBudgetConfig
+from fltoolkit.embeddings.runtime import BudgetedTables
 from fltoolkit.gate import UpdateGate
 from fltoolkit.privacy.config import PrivacyConfig
 from fltoolkit.privacy.local_tables import LocalTableStore
@@ -131,12 +133,15 @@ class FederatedLoop:
             `shard_module_tables`); None: the module holds them whole.
         hooks: what to do with rounds, evaluations and checkpoints.
         privacy: differential privacy and secure aggregation around the strategy; None: off.
+        embeddings: shared tables under a memory budget (the module built for it with
+            fltoolkit.embeddings.configure_budgeted_features); None or method none: whole.
     """
 
     def __init__(self, module: torch.nn.Module, data: PreparedData, config: FederatedConfig,
                  seed: int, *, eval_batch_size: int = 65536, systems: SystemsConfig | None = None,
                  ranks: Ranks | None = None, sharded_tables: ShardedTables | None = None,
-                 hooks: LoopHooks | None = None, privacy: PrivacyConfig | None = None) -> None:
+                 hooks: LoopHooks | None = None, privacy: PrivacyConfig | None = None,
+                 embeddings: EmbeddingBudgetConfig | None = None) -> None:
         self.module, self.data, self.config, self.seed = module, data, config, seed
         self.eval_batch_size = eval_batch_size
         self.ranks = ranks or Ranks()
@@ -161,11 +166,14 @@ class FederatedLoop:
                                            devices=bool(systems and systems.enabled),
                                            sharded=sharded_tables is not None)
         self.strategy = self.privacy.strategy
+        self.budget = self._budgeted_tables(embeddings or EmbeddingBudgetConfig(), local,
+                                            privacy=bool(privacy and privacy.enabled))
         self.admission = admission_for(systems, num_clients, seed)
         self.planner = CohortPlanner(
             data.train, self.parts.tables, config.schedule(),
             uploaded=[name for name in self.parts.tables if name not in local],
-            dense=self.parts.dense, seed=seed, uploads=self.strategy.planned_upload_bytes)
+            dense=self.parts.dense, seed=seed, uploads=self.strategy.planned_upload_bytes,
+            row_maps=self.budget.maps if self.budget else None)
         self.trainer = trainer_for(module, config)(
             module, self.parts, self.server_tables, proximal_mu=config.proximal_mu,
             local_tables=self.local_tables,
@@ -188,6 +196,16 @@ class FederatedLoop:
         if data.validation is None and self.ranks.is_main:
             log.warning("the data has no validation split: evaluations during training score "
                         "the test split, so settings chosen on them are tuned on test")
+
+    def _budgeted_tables(self, embeddings: EmbeddingBudgetConfig, local: list[str], *,
+                         privacy: bool) -> BudgetedTables | None:
+        """The shared tables' row maps under `embeddings`; None with whole tables."""
+        embeddings.check_run(self.config, privacy=privacy)
+        if not embeddings.enabled:
+            return None
+        shared = {name: part for name, part in self.parts.tables.items() if name not in local}
+        return BudgetedTables(embeddings, shared, self.data.features.cardinalities,
+                              self.data.train, self.seed)
 
     def run(self) -> dict[str, Any]:
         """Train the remaining rounds (all of them unless resumed from a checkpoint); returns
@@ -239,18 +257,24 @@ class FederatedLoop:
                                         self.selector, self.planner.plan_round)
         row = RoundRow(rounds=1, selected=admitted.selected, dropped=admitted.dropped,
                        stragglers=admitted.stragglers, skipped=int(admitted.skipped))
+        accepted: list[ClientUpdate] = []
         if admitted.cohort.clients:
-            row += self._train_and_aggregate(round_index, admitted)
+            trained, accepted = self._train_and_aggregate(round_index, admitted)
+            row += trained
+        budget = ({} if self.budget is None else
+                  self.budget.end_round(round_index, admitted.cohort, accepted,
+                                        self.server_tables.owned(), self.strategy))
         timing = {"round_wall_s": round(time.perf_counter() - started, 4)}
         if self.admission.sim_time_s is not None:
             timing.update(round_duration_s=round(admitted.seconds, 3),
                           sim_time_s=round(self.admission.sim_time_s, 3))
-        self.hooks.on_round({"round": round_index, **row.counters(), **timing})
+        self.hooks.on_round({"round": round_index, **row.counters(), **budget, **timing})
         return row
 
-    def _train_and_aggregate(self, round_index: int, admitted: Admitted) -> RoundRow:
+    def _train_and_aggregate(self, round_index: int, admitted: Admitted
+                             ) -> tuple[RoundRow, list[ClientUpdate]]:
         """Train this rank's share of the cohort, gate every update, let the accepted clients
-        keep their state, aggregate and feed back."""
+        keep their state, aggregate and feed back; (the round's counts, the accepted)."""
         cohort = admitted.cohort
         self.strategy.start_round(round_index, list(cohort.clients), self.seed)
         mine = cohort.subset([slot for slot, client in enumerate(cohort.clients)
@@ -265,7 +289,8 @@ class FederatedLoop:
                        rejected=screened.rejected, crashed=screened.crashed,
                        bytes_up=screened.bytes_up, bytes_down=screened.bytes_down,
                        rows_up=screened.rows_up, losses=tuple(update.loss for update in accepted))
-        return row + self._aggregate(round_index, accepted, accepted, admitted.durations)
+        row += self._aggregate(round_index, accepted, accepted, admitted.durations)
+        return row, accepted
 
     def run_aggregation(self, round_index: int) -> RoundRow:
         """Async mode's round: the timeline's next aggregation (its clients that started from
@@ -352,6 +377,8 @@ class FederatedLoop:
     def _score(self, split: ClientTable, round_index: int) -> Evaluation:
         """The global model's metrics on a split; a model whose outputs are not finite has
         diverged and stops the run (its metrics would be NaN from then on)."""
+        if self.budget is not None:
+            split = self.budget.mapped(split)
         result = evaluate(self.module, self.parts, split, self.eval_batch_size,
                           self.data.train.client_ids, self.local_tables, self.ranks,
                           self.server_tables)
@@ -388,6 +415,17 @@ class FederatedLoop:
         return {**self.privacy.statement(uploaded, local, self.completed_rounds),
                 "rows_received_per_round": totals.per_round("rows_up"),
                 "bytes_received_per_round": totals.per_round("bytes_up")}
+
+    def embedding_rows(self) -> dict[str, Any]:
+        """summary.json: the rows the tables hold (physical) and the ids they embed (logical),
+        over all tables, and the budget's settings."""
+        cardinalities = self.data.features.cardinalities
+        logical = sum(max(cardinalities[c] for c in part.columns)
+                      for part in self.parts.tables.values())
+        config = self.budget.config if self.budget else EmbeddingBudgetConfig()
+        return {"embedding_rows": sum(part.num_rows for part in self.parts.tables.values()),
+                "embedding_rows_logical": logical, "embedding_method": config.method,
+                "embedding_budget": config.budget}
 
     def client_report(self) -> pl.DataFrame:
         """Per training client: raw id, train_rows, participation (rounds trained) and, from

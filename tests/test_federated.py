@@ -20,13 +20,15 @@ from recsys.module import CTRModule
 from recsys.parts import split_parameters
 
 
-def _module(data, seed: int = 0, optimizers=None) -> CTRModule:
+def _module(data, seed: int = 0, optimizers=None, features="data") -> CTRModule:
     """A small DLRM with plain SGD locally (no optimizer state to carry between clients)
-    unless `optimizers` gives the (dense, sparse) optimizer callables."""
+    unless `optimizers` gives the (dense, sparse) optimizer callables; built for the data's
+    features unless `features` is None."""
     torch.manual_seed(seed)
     dense, sparse = optimizers or (lambda p: torch.optim.SGD(p, lr=0.3),
                                    lambda p: torch.optim.SGD(p, lr=10.0))
-    return CTRModule(embedding_dim=8, dense_hidden=[16], over_hidden=[32], features=data.features,
+    return CTRModule(embedding_dim=8, dense_hidden=[16], over_hidden=[32],
+                     features=data.features if features == "data" else features,
                      dense_optimizer=dense, sparse_optimizer=sparse)
 
 
@@ -150,12 +152,21 @@ def test_fedprox_term_pulls_toward_the_global_weights(synthetic_data):
         assert pulled.tables[name].values.norm() < free.tables[name].values.norm()
 
 
-def _loop(data, seed: int = 0, systems=None, optimizers=None, privacy=None,
+def _loop(data, seed: int = 0, systems=None, optimizers=None, privacy=None, embeddings=None,
           **kwargs) -> FederatedLoop:
+    """A loop over `_module`; with `embeddings`, its shared tables built to their budget."""
     config = FederatedConfig(**{"rounds": 4, "clients_per_round": 20, "eval_interval": 2,
                                 "batch_size": 16, **kwargs})
-    return FederatedLoop(_module(data, seed, optimizers), data, config, seed=seed,
-                         systems=systems, privacy=privacy)
+    if embeddings is None or not embeddings.enabled:
+        module = _module(data, seed, optimizers)
+    else:
+        from fltoolkit.embeddings.physical import configure_budgeted_features
+
+        module = _module(data, seed, optimizers, features=None)
+        configure_budgeted_features(module, data.features, embeddings,
+                                    config.local_table_names(data.features.sparse, False))
+    return FederatedLoop(module, data, config, seed=seed, systems=systems, privacy=privacy,
+                         embeddings=embeddings)
 
 
 def test_local_tables_never_leave_the_client(synthetic_data):

@@ -100,6 +100,8 @@ def loop_state(loop: FederatedLoop) -> dict[str, Any]:
         "since_evaluation": asdict(loop.since_evaluation),
         "totals": asdict(loop.totals),
         "torch_rng": torch.get_rng_state(),
+        # budgeted tables: the row maps and the importance (None with whole tables)
+        "embeddings": loop.budget.state_dict() if loop.budget is not None else None,
     }
 
 
@@ -140,6 +142,8 @@ def _restore(loop: FederatedLoop, state: dict[str, Any]) -> None:
                                         "losses": tuple(state["since_evaluation"]["losses"])})
     loop.totals = RoundRow(**{**state["totals"], "losses": tuple(state["totals"]["losses"])})
     torch.set_rng_state(state["torch_rng"])
+    if loop.budget is not None:
+        loop.budget.load_state_dict(state["embeddings"])
 
 
 def shard_state(loop: FederatedLoop) -> dict[str, Any] | None:

@@ -25,6 +25,8 @@ import polars as pl
 import torch
 
 from datamodules.base import CTRDataModule, FeatureSpec
+from fltoolkit.embeddings.config import EmbeddingBudgetConfig
+from fltoolkit.embeddings.physical import configure_budgeted_features
 from fltoolkit.loop import FederatedLoop, LoopHooks
 from fltoolkit.privacy.plan import PrivacyPlan
 from fltoolkit.reports.build import build_run_report
@@ -107,8 +109,12 @@ def run_experiment(cli: Any, name: str, ranks: Ranks) -> Path | None:
     check_run(federated, config.resume, ranks.distributed)
     if not ranks.is_main:
         log.setLevel(logging.WARNING)
+    embeddings = cli.config_init["embeddings"]
+    embeddings.check_run(federated, privacy=cli.config_init["privacy"].enabled)
     datamodule = prepared(cli.datamodule, ranks)
-    sharded = build_model(cli.model, datamodule.feature_spec, federated.sharding, ranks)
+    sharded = build_model(cli.model, datamodule.feature_spec, federated.sharding, ranks,
+                          embeddings, _budget_free_tables(federated, datamodule.feature_spec,
+                                                          embeddings))
     if federated.enabled:  # before the run directory exists: a refused run leaves nothing
         federated.check_clients(datamodule.data.train.num_clients)
         federated.check_mode(devices=cli.config_init["systems"].enabled,
@@ -155,16 +161,27 @@ def prepared(datamodule: CTRDataModule, ranks: Ranks) -> CTRDataModule:
     return datamodule
 
 
-def build_model(model: L.LightningModule, features: FeatureSpec, sharding: str, ranks: Ranks
-                ) -> ShardedTables | None:
-    """Build the module's network for `features`, shard its tables across the ranks unless
-    `sharding` is "none" (built on the meta device first, so no rank ever holds them whole),
-    and start every rank from rank 0's weights."""
+def build_model(model: L.LightningModule, features: FeatureSpec, sharding: str, ranks: Ranks,
+                embeddings: EmbeddingBudgetConfig | None = None,
+                local_tables: list[str] | None = None) -> ShardedTables | None:
+    """Build the module's network for `features` (the shared tables other than
+    `local_tables` with the physical rows of their `embeddings` budget), shard its tables
+    across the ranks unless `sharding` is "none" (built on the meta device first, so no rank
+    ever holds them whole), and start every rank from rank 0's weights."""
     with tables_on_meta() if sharding != "none" else nullcontext():
-        model.configure_features(features)
+        configure_budgeted_features(model, features, embeddings or EmbeddingBudgetConfig(),
+                                    local_tables or [])
     sharded = shard_module_tables(model, sharding) if sharding != "none" else None
     ranks.broadcast_module(model)
     return sharded
+
+
+def _budget_free_tables(federated: FederatedConfig, features: FeatureSpec,
+                        embeddings: EmbeddingBudgetConfig) -> list[str]:
+    """The client-local tables (named like their features), which a budget leaves whole."""
+    if not embeddings.enabled:
+        return []
+    return federated.local_table_names(features.sparse, federated.sharding != "none")
 
 
 def _open_run_directory(cli: Any, name: str) -> tuple[RunDirectory, dict[str, Any] | None]:
@@ -189,7 +206,8 @@ def _loop(cli: Any, datamodule: CTRDataModule, sharded: ShardedTables | None, ra
                          seed=cli.config.seed, eval_batch_size=datamodule.eval_batch_size,
                          systems=cli.config_init["systems"], ranks=ranks,
                          sharded_tables=sharded, hooks=hooks,
-                         privacy=cli.config_init["privacy"])
+                         privacy=cli.config_init["privacy"],
+                         embeddings=cli.config_init["embeddings"])
     if ranks.distributed:
         log.info("%d ranks share each cohort (backend %s)", ranks.world_size,
                  torch.distributed.get_backend())
@@ -237,6 +255,7 @@ def _train_federated(cli: Any, datamodule: CTRDataModule, sharded: ShardedTables
                    "selector": type(loop.selector).__name__,
                    "trainer": type(loop.trainer).__name__,
                    "server_learns": loop.server_learns(),
+                   **loop.embedding_rows(),
                    **cli.config_init["report"].to_target(loop.history)}
 
 

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import experiments
 from datamodules.base import CTRDataModule, DataError
+from fltoolkit.embeddings.config import EmbeddingBudgetConfig
 from fltoolkit.privacy.config import PrivacyConfig
 from fltoolkit.reports.config import ReportConfig
 from fltoolkit.reports.run_dir import RunDirectoryError
@@ -117,6 +118,7 @@ class FltkCLI(LightningCLI):
         parser.add_class_arguments(FederatedConfig, "federated")
         parser.add_class_arguments(SystemsConfig, "systems")
         parser.add_class_arguments(PrivacyConfig, "privacy")
+        parser.add_class_arguments(EmbeddingBudgetConfig, "embeddings")
         parser.add_class_arguments(ReportConfig, "report")
         parser.add_class_arguments(CentralizedConfig, "centralized")
         parser.link_arguments("seed", "data.init_args.seed")

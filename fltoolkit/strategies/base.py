@@ -243,6 +243,11 @@ class Strategy(ABC):
         run's seed, so that a resumed run draws the same."""
         return
 
+    def reset_rows(self, table: str, rows: Tensor) -> None:
+        """Forget any per-row state of `rows` of `table`: they now embed other ids (a
+        re-balanced budgeted table, fltoolkit.embeddings). Stateless strategies keep none."""
+        return
+
     def state_dict(self) -> dict[str, Any]:
         """Server optimizer state (for checkpoints); stateless strategies return {}."""
         return {}
@@ -297,6 +302,9 @@ class StrategyWrapper(Strategy):
 
     def start_round(self, round_index: int, cohort: list[int], seed: int) -> None:
         self.strategy.start_round(round_index, cohort, seed)
+
+    def reset_rows(self, table: str, rows: Tensor) -> None:
+        self.strategy.reset_rows(table, rows)
 
     def state_dict(self) -> dict[str, Any]:
         return self.strategy.state_dict()

@@ -64,6 +64,15 @@ class ServerOptimizer(FedAvg):
                 state[key][ids] = value
             server.tables[table].index_add_(0, ids, update)
 
+    def reset_rows(self, table: str, rows: Tensor) -> None:
+        """The rows' moments back to their state before the first round."""
+        state = self.moments.get(table)
+        if state is None or not len(rows):
+            return
+        initial = self.initial_moments(state[next(iter(state))][rows])
+        for key, value in initial.items():
+            state[key][rows] = value
+
     def state_dict(self) -> dict[str, Any]:
         return {"moments": self.moments}
 

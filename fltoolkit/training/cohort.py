@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from fltoolkit.training.updates import (
     segment_owners,
 )
 from recsys.parts import TablePart
+
+if TYPE_CHECKING:
+    from fltoolkit.embeddings.row_map import RowMap
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,10 @@ class Cohort:
         row_ids: table -> [U] global row id of each compact buffer row.
         segments: table -> C + 1 bounds; client c owns compact rows segments[c]:segments[c + 1].
         columns: table -> the columns of `sparse` that feed it.
+        logical_ids: for tables under a budget (fltoolkit.embeddings), whose `row_ids` are
+            physical rows: table -> the logical ids each client touched, client after client
+            (what its rows stand for: the importance's evidence).
+        logical_segments: table -> C + 1 bounds of each client's part of `logical_ids`.
     """
 
     clients: list[int]
@@ -94,6 +102,8 @@ class Cohort:
     row_ids: dict[str, Tensor]
     segments: dict[str, list[int]]
     columns: dict[str, list[int]]
+    logical_ids: dict[str, Tensor] = field(default_factory=dict)
+    logical_segments: dict[str, list[int]] = field(default_factory=dict)
 
     def rows(self, table: str, slot: int) -> slice:
         bounds = self.segments[table]
@@ -102,6 +112,13 @@ class Cohort:
     def row_owners(self, table: str) -> Tensor:
         """[U] the slot of the client whose segment holds each row of the table's buffer."""
         return segment_owners(self.segments[table], self.sparse.device)
+
+    def logical_rows(self, table: str, slots: Sequence[int]) -> Tensor:
+        """The logical ids of `table` the clients at `slots` touched, one entry per client
+        and id (a budgeted table)."""
+        ids, bounds = self.logical_ids[table], self.logical_segments[table]
+        kept = [ids[bounds[s]:bounds[s + 1]] for s in slots]
+        return torch.cat(kept) if kept else ids[:0]
 
     def to(self, device: torch.device) -> Cohort:
         """This cohort with its tensors on `device` (one transfer per round)."""
@@ -137,11 +154,16 @@ class Cohort:
             shift = torch.tensor([bounds[s] - segments[name][i] for i, s in enumerate(slots)],
                                  dtype=torch.int64)
             sparse[:, columns] -= torch.repeat_interleave(shift, counts)[:, None]
+        logical_segments = {
+            name: [0, *accumulate(bounds[s + 1] - bounds[s] for s in slots)]
+            for name, bounds in self.logical_segments.items()}
         return Cohort([self.clients[s] for s in slots], [self.num_samples[s] for s in slots],
                       [self.samples_trained[s] for s in slots], self.download_bytes[slots],
                       self.upload_bytes[slots],
                       self.dense[order], sparse, self.label[order], steps, row_ids, segments,
-                      self.columns)
+                      self.columns,
+                      {name: self.logical_rows(name, slots) for name in self.logical_ids},
+                      logical_segments)
 
 
 class CohortPlanner:
@@ -156,12 +178,16 @@ class CohortPlanner:
         seed: the run's seed; a client's batch order derives from (seed, round, client).
         uploads: each client's upload bytes, from the cohort's plain ones and rows (the
             strategy's `planned_upload_bytes`); by default its own update's.
+        row_maps: tables under a budget (fltoolkit.embeddings): the data's logical ids become
+            physical rows before the compact layout; other tables index by their ids.
     """
 
     def __init__(self, data: ClientTable, tables: dict[str, TablePart], schedule: LocalSchedule,
                  uploaded: list[str], dense: Sequence[Tensor], seed: int,
-                 uploads: Callable[[PlannedUploads], np.ndarray] = plain_upload_bytes) -> None:
+                 uploads: Callable[[PlannedUploads], np.ndarray] = plain_upload_bytes,
+                 row_maps: dict[str, RowMap] | None = None) -> None:
         self.data, self.tables, self.schedule = data, tables, schedule
+        self.row_maps = row_maps or {}
         self.uploaded, self.seed, self.uploads = uploaded, seed, uploads
         self.dense_size = sum(p.numel() for p in dense)
         self.dense_bytes = sum(p.numel() * p.element_size() for p in dense)
@@ -194,11 +220,21 @@ class CohortPlanner:
                                                                               dtype=torch.int64))
         ids = self.data.sparse[order]
         remapped = ids.clone()  # columns that feed no table keep their ids
-        row_ids, segments = {}, {}
+        row_ids, segments, logical_ids, logical_segments = {}, {}, {}, {}
         for name, part in self.tables.items():
-            vocab = part.num_rows
+            row_map = self.row_maps.get(name)
+            vocab = part.num_rows if row_map is None else row_map.num_ids
             keys = slot[:, None] * vocab + ids[:, part.columns]
             unique, inverse = torch.unique(keys, return_inverse=True)
+            if row_map is not None:  # (slot, logical id) -> (slot, physical row)
+                logical_ids[name] = unique % vocab
+                logical_segments[name] = torch.searchsorted(
+                    unique, torch.arange(len(clients) + 1) * vocab).tolist()
+                physical = (unique // vocab) * row_map.physical_rows + row_map.lookup(
+                    unique % vocab)
+                vocab = row_map.physical_rows
+                unique, to_physical = torch.unique(physical, return_inverse=True)
+                inverse = to_physical[inverse]
             remapped[:, part.columns] = inverse
             row_ids[name] = unique % vocab
             segments[name] = torch.searchsorted(
@@ -209,7 +245,8 @@ class CohortPlanner:
                                               self.widths))
         return Cohort(list(clients), num_samples, counts, own, uploads,
                       self.data.dense[order], remapped, self.data.label[order], steps, row_ids,
-                      segments, {name: part.columns for name, part in self.tables.items()})
+                      segments, {name: part.columns for name, part in self.tables.items()},
+                      logical_ids, logical_segments)
 
     def _own_bytes(self, num_clients: int, segments: dict[str, list[int]]) -> np.ndarray:
         """Dense weights plus, per uploaded table, the client's rows with their ids."""

@@ -1,0 +1,76 @@
+"""The `embeddings` section of an experiment: shared tables held under a memory budget of rows
+(AdaEmbed-style pruning, or the frequency-threshold and hashing baselines at the same budget).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from fltoolkit.embeddings.budget import BudgetPolicy
+from fltoolkit.run.config import ConfigError, FederatedConfig
+
+Method = Literal["none", "adaembed", "frequency", "hashing"]
+
+
+@dataclass
+class EmbeddingBudgetConfig:
+    """How the shared (uploaded) tables fit a budget; client-local tables stay whole.
+
+    Args:
+        method: `none` (whole tables, the default), `adaembed` (rows follow importance,
+            re-balanced every `prune_interval` rounds), `frequency` (the ids most frequent in
+            the training data keep rows) or `hashing` (ids hashed into the rows).
+        budget: rows per shared table: a fraction of its ids in (0, 1], or an int >= 1 of
+            rows. Pruning and frequency add one shared fallback row for the ids without one.
+        prune_interval: adaembed: rounds between re-balances (also one after round 1, which
+            fills the rows of a table that starts with every id on the fallback).
+        decay: adaembed: the weight of the past in the importance's moving average, [0, 1).
+        hysteresis: adaembed: how much an id holding a row is favoured when ranking (>= 0).
+    """
+
+    method: Method = "none"
+    budget: int | float = 1.0
+    prune_interval: int = 10
+    decay: float = 0.9
+    hysteresis: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.method == "none" and self.budget != 1.0:
+            raise ValueError(f"embeddings.budget {self.budget} is set but embeddings.method is "
+                             "none: choose adaembed, frequency or hashing")
+        BudgetPolicy(self.budget, self.prune_interval, self.hysteresis)  # its own checks
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"embeddings.decay must be in [0, 1), got {self.decay}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    def policy(self) -> BudgetPolicy:
+        return BudgetPolicy(self.budget, self.prune_interval, self.hysteresis)
+
+    def check_run(self, federated: FederatedConfig, *, privacy: bool) -> None:
+        """Refuse, in one line, what budgeted tables do not run with (yet)."""
+        if not self.enabled:
+            return
+        if not federated.enabled:
+            raise ConfigError(f"embeddings.method {self.method} applies to federated runs: set "
+                              "federated.enabled true or embeddings.method none")
+        if federated.mode != "sync":
+            raise ConfigError(f"embeddings.method {self.method} with federated.mode "
+                              f"{federated.mode} is refused for now: rows are re-balanced "
+                              "between synchronous rounds")
+        if privacy:
+            raise ConfigError(f"embeddings.method {self.method} with the privacy section "
+                              "enabled is refused for now: the importance needs each client's "
+                              "ids and each row's mean delta, which DP and secure aggregation "
+                              "hide")
+        if federated.sharding != "none":
+            raise ConfigError(f"embeddings.method {self.method} with federated.sharding "
+                              f"{federated.sharding} is refused for now: budgeted tables are "
+                              "held whole")
+        if self.method == "adaembed" and federated.keep_optimizer_state:
+            raise ConfigError("embeddings.method adaembed with federated.keep_optimizer_state "
+                              "is refused for now: a re-balanced row's kept client state "
+                              "belongs to its previous id")
