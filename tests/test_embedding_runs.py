@@ -4,6 +4,8 @@ re-balances, a resumed run is the uninterrupted one, and what is not supported i
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -122,3 +124,31 @@ def test_privacy_and_a_budget_without_a_method_are_refused(synthetic_data):
               privacy=PrivacyConfig(noise_multiplier=0.5, clip_norm=1.0))
     with pytest.raises(ValueError, match="method is none"):
         EmbeddingBudgetConfig(budget=0.5)
+
+
+def test_fit_writes_the_budgets_columns_and_summary(tmp_path):
+    from tests.test_cli import _csv_rows, _fit
+
+    run = tmp_path / "run"
+    assert _fit(tmp_path, "--run_dir", str(run), "--federated.rounds", "4",
+                "--federated.clients_per_round", "20", "--federated.eval_interval", "2",
+                "--federated.local_tables", "[user]", "--embeddings.method", "adaembed",
+                "--embeddings.budget", "0.5", "--embeddings.prune_interval", "2") == 0
+    rounds = _csv_rows(run / "rounds.csv")
+    assert len({r["table_rows"] for r in rounds}) == 1
+    assert int(rounds[0]["rows_admitted"]) > 0 and rounds[2]["rows_admitted"] == "0"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["embedding_method"] == "adaembed" and summary["embedding_budget"] == 0.5
+    assert summary["embedding_rows"] < summary["embedding_rows_logical"]
+    assert summary["embedding_rows"] == int(rounds[0]["table_rows"]) + 436  # + whole user table
+
+
+def test_fit_refuses_a_budget_with_privacy_in_one_line(tmp_path, capsys):
+    from tests.test_cli import _fit
+
+    assert _fit(tmp_path, "--run_dir", str(tmp_path / "run"), "--embeddings.method", "hashing",
+                "--embeddings.budget", "0.5", "--privacy.noise_multiplier", "0.5",
+                "--privacy.clip_norm", "1.0") == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "embeddings.method hashing with the privacy section" in error[0]
+    assert not (tmp_path / "run").exists()
