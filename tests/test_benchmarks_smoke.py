@@ -57,3 +57,21 @@ def test_async_vs_sync_reports_both_runs(tmp_path, monkeypatch, capsys):
         assert figures[f"{mode}_sim_time_s"] > 0 and 0.5 < figures[f"{mode}_final_test_auc"]
         assert figures["time_to_0.5"][mode] is not None
     assert figures["async_over_sync_time_to_0.5"] > 0
+
+
+def test_embedding_budget_runs_every_method_and_reports_sizes(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import embedding_budget
+
+    figures = embedding_budget.main(["--rounds", "2", "--datasets", "taobao", "--budgets",
+                                     "0.5"])
+
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == {"benchmark": "embedding_budget", **figures}
+    runs = figures["runs"]
+    assert list(runs) == ["taobao_full", "taobao_adaembed_0.5", "taobao_frequency_0.5",
+                          "taobao_hashing_0.5"]
+    full = runs["taobao_full"]["embedding_rows"]
+    assert full == runs["taobao_full"]["embedding_rows_logical"]
+    for name in list(runs)[1:]:  # about half the rows: B = half of each table, + 1 fallback
+        assert 0.45 * full < runs[name]["embedding_rows"] < 0.55 * full, name
