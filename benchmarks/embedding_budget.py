@@ -9,7 +9,8 @@ server holds (and their megabytes at 4 bytes per value), and the bytes uploaded 
 Two runs at a time, one process and one thread each; only AUC, sizes and bytes are compared.
 
 Usage: python benchmarks/embedding_budget.py [--budgets 0.5 0.25 0.1]
-    [--datasets taobao criteo] [--rounds N]
+    [--datasets taobao criteo] [--methods adaembed frequency hashing] [--full true]
+    [--rounds N]
 Prints a row per run and JSON on the last line.
 """
 
@@ -34,9 +35,9 @@ BYTES_PER_VALUE = 4
 
 def _runs(args: argparse.Namespace) -> dict[str, list[str]]:
     """Every run's name and its extra `fltk fit` options."""
-    runs = {f"{dataset}_full": ["--experiment", str(EXPERIMENTS / f"{dataset}.yaml")]
-            for dataset in args.datasets}
-    for dataset, method, budget in product(args.datasets, METHODS, args.budgets):
+    runs = ({f"{dataset}_full": ["--experiment", str(EXPERIMENTS / f"{dataset}.yaml")]
+             for dataset in args.datasets} if args.full else {})
+    for dataset, method, budget in product(args.datasets, args.methods, args.budgets):
         runs[f"{dataset}_{method}_{budget:g}"] = [
             "--experiment", str(EXPERIMENTS / f"{dataset}.yaml"),
             "--embeddings.method", method, "--embeddings.budget", str(budget)]
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.1])
     parser.add_argument("--datasets", nargs="+", default=["taobao", "criteo"])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--full", type=lambda v: v.lower() == "true", default=True,
+                        help="also run the full tables (true/false)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="override the experiments' rounds (smoke tests)")
     parser.add_argument("--parallel", type=int, default=2)
@@ -84,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(name, results[name], flush=True)
     command = (f"python benchmarks/embedding_budget.py --budgets "
                f"{' '.join(f'{b:g}' for b in args.budgets)} --datasets {' '.join(args.datasets)}"
+               f" --methods {' '.join(args.methods)} --full {str(args.full).lower()}"
                + (f" --rounds {args.rounds}" if args.rounds else ""))
     figures = {"runs": results}
     print_figures("embedding_budget", figures, command)

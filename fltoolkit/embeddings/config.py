@@ -26,13 +26,16 @@ class EmbeddingBudgetConfig:
         prune_interval: adaembed: rounds between re-balances (also one after round 1, which
             fills the rows of a table that starts with every id on the fallback).
         decay: adaembed: the weight of the past in the importance's moving average, [0, 1).
+            Per round: a client returns hundreds of rounds later, so the memory must be long
+            (validation AUC at half the rows, default experiment: 0.7361 / 0.7406 / 0.7519 /
+            0.7469 with 0.9 / 0.95 / 0.99 / 0.999).
         hysteresis: adaembed: how much an id holding a row is favoured when ranking (>= 0).
     """
 
     method: Method = "none"
     budget: int | float = 1.0
     prune_interval: int = 10
-    decay: float = 0.9
+    decay: float = 0.99
     hysteresis: float = 0.0
 
     def __post_init__(self) -> None:
