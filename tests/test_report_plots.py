@@ -191,3 +191,18 @@ def test_comparing_a_sync_and_an_async_run_overlays_them_against_simulated_time(
     plots = write_comparison_plots(runs, tmp_path / "both")
     assert _names(plots) == ["compare_auc_vs_round.png", "compare_logloss_vs_round.png",
                              "compare_auc_vs_time.png"]
+
+
+def test_a_budgeted_run_plots_its_rows_and_the_ids_moved_and_whole_tables_do_not(tmp_path):
+    budgeted = """round,bytes_up,bytes_down,table_rows,rows_evicted,rows_admitted
+1,10,10,100,0,60
+2,10,10,100,0,0
+3,10,10,100,5,5
+"""
+    record = _run_dir(tmp_path / "runs" / "budget", FEDERATED_METRICS, rounds=budgeted)
+    plots = write_run_plots(record, tmp_path / "plots")
+    assert _names(plots)[-1] == "embedding_rows.png"
+    assert plots[-1].title == "Embedding rows under the budget"
+    _assert_png(plots[-1].path, ONE_PANEL)
+    whole = write_run_plots(_federated(tmp_path / "runs" / "whole"), tmp_path / "whole")
+    assert "embedding_rows.png" not in _names(whole)

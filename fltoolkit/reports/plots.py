@@ -65,7 +65,7 @@ def write_run_plots(record: RunRecord, out_dir: Path) -> list[Plot]:
     plots += [_epsilon_plot([record], out_dir / "auc_vs_epsilon.png"),
               _client_auc_plot(record, out_dir), _participation_plot(record, out_dir),
               _bytes_plot(record, out_dir), _round_duration_plot(record, out_dir),
-              _staleness_plot(record, out_dir)]
+              _staleness_plot(record, out_dir), _budget_plot(record, out_dir)]
     return [plot for plot in plots if plot is not None]
 
 
@@ -180,6 +180,22 @@ def _staleness_plot(record: RunRecord, out_dir: Path) -> Plot | None:
     bins = np.arange(-0.5, staleness.max() + 1.5)
     return _histogram(staleness, bins, "staleness (aggregations)", "updates",
                       out_dir / "staleness.png", title, integer_x=True)
+
+
+def _budget_plot(record: RunRecord, out_dir: Path) -> Plot | None:
+    """Budgeted tables (the `embeddings` section): their rows, and how many ids lost and won
+    a row so far, over the rounds (rounds.csv's table_rows, rows_evicted, rows_admitted);
+    None for runs with whole tables."""
+    data = _finite(record.rounds, "round", "table_rows", "rows_evicted", "rows_admitted")
+    if data.is_empty():
+        return None
+    rounds = data["round"].to_numpy()
+    lines = [_Line("rows held", rounds, data["table_rows"].to_numpy()),
+             _Line("ids evicted so far", rounds, data["rows_evicted"].cum_sum().to_numpy(), "--"),
+             _Line("ids admitted so far", rounds, data["rows_admitted"].cum_sum().to_numpy(),
+                   ":")]
+    return _lines_plot(lines, "round", "embedding rows", out_dir / "embedding_rows.png",
+                       "Embedding rows under the budget", integer_x=True)
 
 
 def _run_line(record: RunRecord, x: str, y: str, scale: float = 1.0) -> _Line:
