@@ -15,7 +15,7 @@ from fltoolkit.run.config import ConfigError, FederatedConfig
 from fltoolkit.systems.config import SystemsConfig
 from fltoolkit.systems.devices import Availability
 from tests.test_federated import _loop
-from tests.test_resume import stopped_and_resumed
+from tests.test_resume import assert_resumes_as_whole, stopped_and_resumed
 
 ADAM_ADAGRAD = (lambda p: torch.optim.Adam(p, lr=1e-3), lambda p: torch.optim.Adagrad(p, lr=0.1))
 
@@ -126,11 +126,7 @@ def test_an_async_run_resumes_exactly_with_updates_in_flight(synthetic_data, tmp
     assert first.asynchronous.updates and first.asynchronous.states  # in flight at the stop
     assert any(state.local_rows for state in first.asynchronous.states.values())
     assert sorted(second.asynchronous.updates) == sorted(first.asynchronous.updates)
-    resumed = second.run()
-    expected.pop("wall_time_s"), resumed.pop("wall_time_s")
-    assert resumed == expected
-    for key, value in whole.module.state_dict().items():
-        assert torch.equal(value, second.module.state_dict()[key]), key
+    assert_resumes_as_whole(second, whole, expected)
 
 
 def test_the_vectorized_and_sequential_trainers_give_the_same_async_run(synthetic_data):

@@ -137,6 +137,16 @@ def stopped_and_resumed(build, directory: Path):
     return first, second
 
 
+def assert_resumes_as_whole(second, whole, expected: dict) -> None:
+    """`second` (resumed) runs to the end with `whole`'s final row (`expected`, from
+    `whole.run()`) but for wall time, and ends with its module state, bit for bit."""
+    resumed = second.run()
+    expected.pop("wall_time_s"), resumed.pop("wall_time_s")
+    assert resumed == expected
+    for key, value in whole.module.state_dict().items():
+        assert torch.equal(value, second.module.state_dict()[key]), key
+
+
 def test_loop_state_round_trips_through_a_checkpoint_file(synthetic_data, tmp_path):
     """2 rounds, checkpoint, a fresh loop loads it and runs 2 more: the same as 4 at once,
     with local tables, kept Adam/Adagrad client state, Oort and a server optimizer."""
@@ -164,11 +174,7 @@ def test_loop_state_round_trips_through_a_checkpoint_file(synthetic_data, tmp_pa
     load_loop_state(odd, load_latest(tmp_path)[1])
     kept = [*odd.local_tables.rows["user"], *odd.trainer.optimizer_states.states]
     assert kept and all(client % 2 == 1 for client in kept)
-    resumed = second.run()
-    expected.pop("wall_time_s"), resumed.pop("wall_time_s")
-    assert resumed == expected
-    for key, value in whole.module.state_dict().items():
-        assert torch.equal(value, second.module.state_dict()[key]), key
+    assert_resumes_as_whole(second, whole, expected)
 
 
 def test_resuming_drops_rows_after_the_checkpoint_and_a_half_written_row(tmp_path):
