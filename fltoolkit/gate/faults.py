@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fltoolkit.training.updates import ClientUpdate
+from fltoolkit.training.updates import ClientUpdate, squared_norms
 
 FAULT_STREAM = 0xFA017  # keeps the fault draws independent of every other seeded stream
 
@@ -58,5 +58,5 @@ class Faults:
 
 def norm_outliers(updates: list[ClientUpdate], ratio: float) -> torch.Tensor:
     """[K] bool: updates whose L2 norm exceeds `ratio` times the round's median norm."""
-    norms = torch.tensor([update.norm() for update in updates], dtype=torch.float64)
+    norms = squared_norms(updates).cpu().sqrt()
     return norms > ratio * norms.median()

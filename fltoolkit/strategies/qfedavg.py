@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from fltoolkit.strategies.base import ServerModel, Strategy, check_updates
-from fltoolkit.training.updates import ClientUpdate
+from fltoolkit.training.updates import ClientUpdate, squared_norms
 
 
 class QFedAvg(Strategy):
@@ -40,7 +40,7 @@ class QFedAvg(Strategy):
         check_updates(updates, server)
         lipschitz = 1.0 / self.client_lr
         loss = torch.tensor([max(u.loss, 1e-10) for u in updates], dtype=torch.float64)
-        squared_norm = torch.tensor([u.squared_norm() for u in updates], dtype=torch.float64)
+        squared_norm = squared_norms(updates).cpu()
         loss_q = loss.pow(self.q)
         h = self.q * loss.pow(self.q - 1) * lipschitz ** 2 * squared_norm + lipschitz * loss_q
         # w - sum(Delta_k)/sum(h_k) = w + sum(F_k^q L delta_k) / sum(h_k)
