@@ -52,15 +52,13 @@ class SumLayout:
         self.length = position
 
     @classmethod
-    def of(cls, contributions: list[Contribution]) -> SumLayout:
-        """The layout of a round's contributions."""
-        updates = [c.update for c in contributions]
+    def of(cls, updates: list[ClientUpdate], extras: list[str]) -> SumLayout:
+        """The layout of a round's updates, with the inner strategy's extra scalars."""
         widths = {}
         for update in updates:
             for name in update.tables:
                 widths.setdefault(name, update.tables[name].values.shape[1])
         union = {name: torch.unique(table_ids(updates, name)).cpu() for name in sorted(widths)}
-        extras = sorted({key for c in contributions for key in c.extras})
         return cls(updates[0].dense.numel(), extras, union, widths)
 
     def rows(self) -> int:
@@ -163,7 +161,7 @@ class SecureAggregation(StrategyWrapper, SumStrategy):
     def aggregate(self, updates: list[ClientUpdate], server: ServerModel) -> None:
         check_updates(updates, server)
         contributions = self.contributions(updates)
-        layout = SumLayout.of(contributions)
+        layout = SumLayout.of(updates, self.extra_names())
         protocol = self._protocol()
         ring = self._ring(contributions)
         uploads = {}
@@ -191,8 +189,9 @@ class SecureAggregation(StrategyWrapper, SumStrategy):
         the protocol's keys and shares, in place of its update."""
         if not updates:
             return Uploads(0, 0)
-        layout = SumLayout.of(self.contributions(updates))
-        per_client = upload_bytes(layout.length, self._protocol().degree, self.bits)
+        layout = SumLayout.of(updates, self.extra_names())
+        per_client = upload_bytes(layout.length, mask_degree(len(self.cohort), self.neighbours),
+                                  self.bits)
         return Uploads(per_client * len(updates), layout.rows())
 
     def planned_upload_bytes(self, planned: PlannedUploads) -> np.ndarray:
