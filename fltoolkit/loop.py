@@ -151,8 +151,9 @@ class FederatedLoop:
         self.parts = split_parameters(module, data.features.sparse)
         num_clients = data.train.num_clients
         config.check_clients(num_clients)
-        config.check_mode(devices=bool(systems and systems.enabled),
-                          privacy=bool(privacy and privacy.enabled))
+        privacy = privacy or PrivacyConfig()
+        devices = bool(systems and systems.enabled)
+        config.check_mode(devices=devices, privacy=privacy.enabled)
         local = config.local_table_names(list(self.parts.tables), sharded_tables is not None)
         self.local_tables = (LocalTableStore({n: self.parts.tables[n].weight for n in local})
                              if local else None)
@@ -162,12 +163,11 @@ class FederatedLoop:
                                             if name not in local}))
         self.selector = config.selector
         self.selector.bind(num_clients, seed)
-        self.privacy = PrivacyPlan.for_run(privacy or PrivacyConfig(), config, num_clients,
-                                           devices=bool(systems and systems.enabled),
+        self.privacy = PrivacyPlan.for_run(privacy, config, num_clients, devices=devices,
                                            sharded=sharded_tables is not None)
         self.strategy = self.privacy.strategy
         self.budget = self._budgeted_tables(embeddings or EmbeddingBudgetConfig(), local,
-                                            privacy=bool(privacy and privacy.enabled))
+                                            privacy=privacy.enabled)
         self.admission = admission_for(systems, num_clients, seed)
         self.planner = CohortPlanner(
             data.train, self.parts.tables, config.schedule(),
