@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import cached_property
 from typing import Any
 
 from fltoolkit.privacy.accountant import ClientSampling, PrivacyAccountant, default_delta
@@ -43,14 +44,16 @@ class PrivacyPlan:
         self.accountant: PrivacyAccountant | None = None
         self.delta: float | None = None
         self.dp: DifferentialPrivacy | None = None
-        self.last_allowed_round = rounds
+        self.rounds = rounds
         if config.enabled:
             _check_combinations(config, reject_norm_ratio, sharded)
         try:
             self.strategy = self._wrapped(strategy, selector, num_clients, clients_per_round,
                                           devices)
-            if config.target_epsilon is not None:
-                self.last_allowed_round = self._last_round_within(config.target_epsilon, rounds)
+            if config.target_epsilon is not None and self.epsilon(1) > config.target_epsilon:
+                raise ConfigError(f"privacy.target_epsilon {config.target_epsilon} is below the "
+                                  f"epsilon of a single round ({self.epsilon(1):.3f}): raise it "
+                                  "or privacy.noise_multiplier")
         except ValueError as error:
             raise ConfigError(str(error)) from None
 
@@ -120,16 +123,16 @@ class PrivacyPlan:
         """Whether round `round_index` keeps epsilon within privacy.target_epsilon."""
         return round_index <= self.last_allowed_round
 
-    def _last_round_within(self, target: float, rounds: int) -> int:
-        """The last round whose epsilon is <= target (epsilon grows with the rounds), found
-        by bisection: an accounting costs up to a second, too much to ask every round."""
-        if self.epsilon(1) > target:
-            raise ConfigError(f"privacy.target_epsilon {target} is below the epsilon of a "
-                              f"single round ({self.epsilon(1):.3f}): raise it or "
-                              "privacy.noise_multiplier")
-        within, beyond = 1, rounds + 1
-        if self.epsilon(rounds) <= target:
+    @cached_property
+    def last_allowed_round(self) -> int:
+        """The last round whose epsilon is <= privacy.target_epsilon (epsilon grows with the
+        rounds), found by bisection once, when the run first asks: an accounting costs up to
+        a second, too much for every round, and a plan built only to check the settings
+        (before the run directory exists) never asks."""
+        target, rounds = self.config.target_epsilon, self.rounds
+        if target is None or self.epsilon(rounds) <= target:
             return rounds
+        within, beyond = 1, rounds + 1
         while beyond - within > 1:
             middle = (within + beyond) // 2
             within, beyond = (middle, beyond) if self.epsilon(middle) <= target else (within,
