@@ -207,8 +207,9 @@ def test_a_checkpoint_before_the_first_evaluation_saves_and_loads(synthetic_data
 
 
 def test_a_run_stopped_before_its_first_evaluation_exits_as_stopped(tmp_path, monkeypatch):
-    """A stop requested in round 1 of a run that evaluates every 5 rounds: checkpointed and
-    exit code 130, not a crash while building a report of no evaluation."""
+    """A stop requested in round 1 of a run that evaluates every 5 rounds: checkpointed, exit
+    code 130 and a report of the rounds so far, not a crash while building a report of no
+    evaluation (the run directory has rounds.csv but no metrics.csv yet)."""
     from fltoolkit.loop import FederatedLoop
 
     run_round = FederatedLoop.run_round
@@ -225,6 +226,8 @@ def test_a_run_stopped_before_its_first_evaluation_exits_as_stopped(tmp_path, mo
                  "--run_dir", str(run)])
     assert code == 130
     assert [path.name for path in list_checkpoints(run / "checkpoints")] == ["round_000001.pt"]
+    assert not (run / "metrics.csv").exists()
+    assert "(interrupted: no evaluation yet)" in (run / "report.md").read_text()
 
 
 def test_a_checkpoint_of_another_version_is_refused_by_name(synthetic_data):

@@ -17,9 +17,11 @@ import yaml
 
 from fltoolkit.reports.staleness import parse_staleness_counts
 
+RUN_FILES = ("metrics.csv", "summary.json", "rounds.csv")  # any one makes a run directory
+
 
 class RunRecordError(ValueError):
-    """A directory that is not a run directory (no metrics.csv and no summary.json)."""
+    """A directory that is not a run directory (none of RUN_FILES)."""
 
 
 @dataclass
@@ -45,8 +47,8 @@ class RunRecord:
     @classmethod
     def load(cls, path: str | Path) -> RunRecord:
         path = Path(path)
-        if not (path / "metrics.csv").exists() and not (path / "summary.json").exists():
-            raise RunRecordError(f"{path}: not a run directory (no metrics.csv or summary.json)")
+        if not any((path / name).exists() for name in RUN_FILES):  # rounds.csv alone: a run
+            raise RunRecordError(f"{path}: not a run directory (no {', '.join(RUN_FILES)})")
         return cls(path=path, config=_yaml(path / "config.yaml"),
                    summary=_json(path / "summary.json"),
                    evaluations=_csv(path / "metrics.csv"), rounds=_csv(path / "rounds.csv"),

@@ -239,8 +239,7 @@ def _train_federated(cli: Any, datamodule: CTRDataModule, sharded: ShardedTables
                 final = loop.run()
         except RunInterrupted:
             run_dir.write_clients(loop.client_report())
-            if loop.history:  # from the CSVs (a run stopped before its first evaluation has
-                build_run_report(run_dir.path)  # nothing to report); the caller closes the rest
+            build_run_report(run_dir.path)  # from the CSVs; the caller closes the rest
             raise
     run_dir.write_clients(loop.client_report())
     run_dir.save_model(server_model_state(loop))
