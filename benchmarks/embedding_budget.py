@@ -3,8 +3,9 @@ threshold and the hashing trick at the same budget, on the default Taobao experi
 synthetic Criteo (`experiments/criteo.yaml`).
 
 Each (dataset, method, budget) is one run of the experiment with `--embeddings.method M
---embeddings.budget B` (a fraction of each shared table's rows); budget 1.0 is the full
-tables (`method none`). Reported per run: validation and test AUC, the embedding rows the
+--embeddings.budget B` (a fraction of all shared tables' rows, the default total scope:
+tables of at most 128 ids whole, the rest split by ids, the same split for every method);
+budget 1.0 is the full tables (`method none`). Reported per run: validation and test AUC, the embedding rows the
 server holds (and their megabytes at 4 bytes per value), and the bytes uploaded per round.
 Two runs at a time, one process and one thread each; only AUC, sizes and bytes are compared.
 

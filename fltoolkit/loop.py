@@ -425,7 +425,7 @@ class FederatedLoop:
         config = self.budget.config if self.budget else EmbeddingBudgetConfig()
         return {"embedding_rows": sum(part.num_rows for part in self.parts.tables.values()),
                 "embedding_rows_logical": logical, "embedding_method": config.method,
-                "embedding_budget": config.budget}
+                "embedding_budget": config.budget, "embedding_scope": config.scope}
 
     def client_report(self) -> pl.DataFrame:
         """Per training client: raw id, train_rows, participation (rounds trained) and, from

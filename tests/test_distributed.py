@@ -63,12 +63,8 @@ def test_two_ranks_give_the_metrics_of_one(tmp_path, extra):
     launched = _launch([*_args(tmp_path, "two"), *extra], ranks=2)
     assert launched.returncode == 0, launched.stderr[-3000:]
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert len(one) == len(two) == 3
-    exact = (*EXACT, "epsilon") if extra is PRIVATE else EXACT
-    for single, split in zip(one, two, strict=True):
-        assert {k: single[k] for k in exact} == {k: split[k] for k in exact}
-        for key in ("auc", "logloss", "gauc", "train_loss"):
-            assert float(split[key]) == pytest.approx(float(single[key]), abs=TOLERANCE), key
+    assert len(one) == 3
+    _assert_same_metrics(one, two, (*EXACT, "epsilon") if extra is PRIVATE else EXACT)
     assert float(one[-1]["auc"]) != float(one[0]["auc"])  # the rounds changed the model
 
     # the final checkpoint holds every client's local rows and optimizer state, from both ranks
@@ -106,11 +102,8 @@ def test_sharded_tables_give_the_metrics_of_whole_ones(tmp_path):
             sharded += ["--resume", str(run)]
         launched = _launch(sharded, 2)
         assert launched.returncode == 0, launched.stderr[-3000:]
-        assert len(_metrics(run)) == len(one) == 10
-        for single, split in zip(one, _metrics(run), strict=True):
-            assert {k: single[k] for k in EXACT} == {k: split[k] for k in EXACT}
-            for key in ("auc", "logloss", "gauc", "train_loss"):
-                assert float(split[key]) == pytest.approx(float(single[key]), abs=TOLERANCE)
+        assert len(one) == 10
+        _assert_same_metrics(one, _metrics(run))
         assert _summary(run)["model_parameters"] == _summary(tmp_path / "one")["model_parameters"]
         dense = torch.load(run / "checkpoints" / "final.pt", weights_only=True)
         assert dense.keys() == {k for k in whole if ".embedding_bags." not in k}
@@ -120,6 +113,38 @@ def test_sharded_tables_give_the_metrics_of_whole_ones(tmp_path):
         for name, table in tables.items():
             expected = whole[next(k for k in whole if k.endswith(f".{name}.weight"))]
             torch.testing.assert_close(table, expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.slow
+def test_budgeted_sharded_tables_give_the_metrics_of_whole_ones(tmp_path):
+    """AdaEmbed-style pruning under a total budget on 2 ranks, table- and column-wise: every
+    rank re-balances the same maps from the same updates and starts the admitted rows in the
+    shards it holds, so the run is the one process's."""
+    args = _args(tmp_path, "one")
+    at = args.index("--federated.local_tables")
+    del args[at:at + 2]
+    args += ["--federated.keep_optimizer_state", "false", "--federated.rounds", "4",
+             "--embeddings.method", "adaembed", "--embeddings.budget", "0.25",
+             "--embeddings.prune_interval", "2"]
+    assert main(args) == 0
+    one = _metrics(tmp_path / "one")
+    with (tmp_path / "one" / "rounds.csv").open() as f:
+        assert sum(int(row["rows_evicted"]) for row in csv.DictReader(f)) > 0
+    for sharding in ("table_wise", "column_wise"):
+        run = tmp_path / sharding
+        launched = _launch([*args, "--federated.sharding", sharding, "--run_dir", str(run)], 2)
+        assert launched.returncode == 0, launched.stderr[-3000:]
+        _assert_same_metrics(one, _metrics(run))
+
+
+def _assert_same_metrics(one: list[dict[str, str]], other: list[dict[str, str]],
+                         exact: tuple[str, ...] = EXACT) -> None:
+    """Every evaluation of two runs: `exact` columns equal, the metrics within TOLERANCE."""
+    assert len(one) == len(other)
+    for single, split in zip(one, other, strict=True):
+        assert {k: single[k] for k in exact} == {k: split[k] for k in exact}
+        for key in ("auc", "logloss", "gauc", "train_loss"):
+            assert float(split[key]) == pytest.approx(float(single[key]), abs=TOLERANCE), key
 
 
 def _stop_after_a_checkpoint(args: list[str], run: Path) -> None:

@@ -21,6 +21,7 @@ import torch
 from fltoolkit.embeddings import (
     BudgetPolicy,
     RoundSignal,
+    RowBudget,
     RowImportance,
     RowMap,
     frequency_map,
@@ -62,16 +63,6 @@ def test_an_untouched_round_only_decays():
     assert _scores(importance) == [0.5, 0.0, 1.0, 1.5, 0.0]
 
 
-def test_normalized_scores_are_over_the_tables_mean():
-    importance = RowImportance({"ad": 5, "user": 3}, decay=0.5)
-    importance.update("ad", ROUNDS[0])
-    importance.update("ad", ROUNDS[1])
-    # mean of (0.5, 3, 2, 1.5, 0) is 7 / 5
-    expected = torch.tensor([5.0, 30.0, 20.0, 15.0, 0.0], dtype=torch.float64) / 14
-    assert torch.allclose(importance.normalized("ad"), expected)
-    assert importance.normalized("user").tolist() == [0.0, 0.0, 0.0]
-
-
 def test_round_signal_counts_clients_and_reads_the_norm_of_each_ids_row():
     # ids 0 -> row 0, 3 -> row 1, ids 1, 2, 4 -> the fallback row 2
     row_map = RowMap(torch.tensor([0, 2, 2, 1, 2]), budget=2)
@@ -89,8 +80,8 @@ def test_round_signal_counts_clients_and_reads_the_norm_of_each_ids_row():
 
 def test_eviction_and_readmission_within_a_budget_of_two_rows():
     importance = RowImportance({"ad": 5}, decay=0.5)
-    policy = BudgetPolicy(budget=2)
-    row_map = RowMap.all_fallback(5, policy.rows(5))
+    policy = BudgetPolicy()
+    row_map = RowMap.all_fallback(5, 2)
     assert _rows(row_map) == [2] * 5
 
     # round 1, scores (1, 0, 2, 3, 0): ids 3 and 2 rank first and take the free rows 0 and 1
@@ -124,32 +115,49 @@ def test_hysteresis_keeps_ids_an_evicted_one_does_not_beat_by_the_margin():
     # held ids 2 and 3 (scores 2, 1.5) rank as 4 and 3 with hysteresis 1; id 1's 3 only ties
     # id 3, and ties go to the id holding a row
     row_map = RowMap(torch.tensor([2, 2, 0, 1, 2]), budget=2)
-    change = BudgetPolicy(2, hysteresis=1.0).rebalance(row_map, torch.tensor(SCORES[1]))
+    change = BudgetPolicy(hysteresis=1.0).rebalance(row_map, torch.tensor(SCORES[1]))
     assert change.evicted.tolist() == change.admitted.tolist() == []
     assert change.size == 2 and _rows(row_map) == [2, 2, 0, 1, 2]
-    change = BudgetPolicy(2, hysteresis=0.25).rebalance(row_map, torch.tensor(SCORES[1]))
+    change = BudgetPolicy(hysteresis=0.25).rebalance(row_map, torch.tensor(SCORES[1]))
     assert change.evicted.tolist() == [3] and change.admitted.tolist() == [1]
 
 
 def test_admitted_rows_start_from_the_fallbacks_value():
     row_map = RowMap(torch.tensor([2, 2, 0, 1, 2]), budget=2)
     weight = torch.tensor([[1.0, 1.0], [2.0, 2.0], [7.0, 8.0]])
-    change = BudgetPolicy(2).rebalance(row_map, torch.tensor(SCORES[1]))
+    change = BudgetPolicy().rebalance(row_map, torch.tensor(SCORES[1]))
     initialize_admitted(weight, change, row_map)
     assert weight.tolist() == [[1.0, 1.0], [7.0, 8.0], [7.0, 8.0]]
 
 
 def test_prune_interval_says_when_to_rebalance():
-    assert [BudgetPolicy(2, prune_interval=3).due(r) for r in range(6)] == [
+    assert [BudgetPolicy(prune_interval=3).due(r) for r in range(6)] == [
         False, False, True, False, False, True]
 
 
-def test_budget_rows_from_rows_and_fractions():
-    assert BudgetPolicy(2).rows(5) == 2
-    assert BudgetPolicy(1.0).rows(5) == 5
-    assert BudgetPolicy(0.5).rows(5) == 2  # 2.5 rounds down: a budget is a ceiling
-    assert BudgetPolicy(0.1).rows(5) == 1  # at least one row
-    assert BudgetPolicy(0.29).rows(100) == 29
+def _per_table(budget: int | float, ids: int) -> int:
+    return RowBudget(budget, scope="table", keep_whole=0).split({"t": ids})["t"]
+
+
+def test_budget_rows_per_table_from_rows_and_fractions():
+    assert _per_table(2, 5) == 2
+    assert _per_table(1.0, 5) == 5
+    assert _per_table(0.5, 5) == 2  # 2.5 rounds down: a budget is a ceiling
+    assert _per_table(0.1, 5) == 1  # at least one row
+    assert _per_table(0.29, 100) == 29
+    # tables of at most keep_whole ids are held whole (left out), in either scope
+    assert RowBudget(0.5, scope="table", keep_whole=4).split({"a": 4, "b": 10}) == {"b": 5}
+
+
+def test_a_total_budget_holds_small_tables_whole_and_shares_the_rest_by_ids():
+    sizes = {"pid": 4, "age": 9, "user": 600, "ad": 300, "brand": 100}  # 1013 ids
+    # half: floor(506.5) = 506 rows; pid and age (13 ids) whole: 493 for 3 tables, one row
+    # each, then 490 by ids (1000): user 1 + 490 * 600 // 1000 = 295, ad 148, brand 50
+    assert RowBudget(0.5, keep_whole=10).split(sizes) == {"user": 295, "ad": 148, "brand": 50}
+    assert 295 + 148 + 50 + 13 <= 506
+    # 200 rows in all: 187 left, 184 by ids: user 1 + 110 = 111, ad 1 + 55 = 56, brand 19
+    assert RowBudget(200, keep_whole=10).split(sizes) == {"user": 111, "ad": 56, "brand": 19}
+    assert RowBudget(1.0, keep_whole=1000).split(sizes) == {}  # every table whole
 
 
 def test_frequency_baseline_keeps_the_most_frequent_ids():
@@ -190,7 +198,7 @@ def test_hashing_maps_every_id_deterministically_into_the_budget():
 
 def test_hashing_maps_are_not_pruned():
     with pytest.raises(ValueError, match="cannot be pruned"):
-        BudgetPolicy(2).rebalance(hashed_map(5, 2, seed=0), torch.ones(5))
+        BudgetPolicy().rebalance(hashed_map(5, 2, seed=0), torch.ones(5))
 
 
 def _through_a_checkpoint(state: dict) -> dict:
@@ -230,15 +238,22 @@ def test_a_row_map_refuses_invalid_rows():
 
 
 @pytest.mark.parametrize(("make", "message"), [
-    (lambda: BudgetPolicy(0), "at least 1 row"),
-    (lambda: BudgetPolicy(6).rows(5), "exceeds a table of 5 ids"),
-    (lambda: BudgetPolicy(0.0), r"fraction must be in \(0, 1\]"),
-    (lambda: BudgetPolicy(1.5), r"fraction must be in \(0, 1\]"),
-    (lambda: BudgetPolicy(True), "number of rows or a fraction"),
-    (lambda: BudgetPolicy("half"), "number of rows or a fraction"),
-    (lambda: BudgetPolicy(2, prune_interval=0), "prune_interval"),
-    (lambda: BudgetPolicy(2, prune_interval=1.5), "prune_interval"),
-    (lambda: BudgetPolicy(2, hysteresis=-0.1), "hysteresis"),
+    (lambda: RowBudget(0), "at least 1 row"),
+    (lambda: _per_table(6, 5), "exceeds a table of 5 ids"),
+    (lambda: RowBudget(30).split({"a": 20, "b": 9}), "exceeds the shared tables' 29 ids"),
+    (lambda: RowBudget(10, keep_whole=9).split({"a": 20, "b": 9, "c": 30}),
+     "take 9 whole, which leaves 1 for the other 2 tables"),
+    (lambda: RowBudget(0.5, keep_whole=1000).split({"a": 20, "b": 9}),
+     "gives 14 rows in total, the tables of at most embeddings.keep_whole 1000 ids take 29"),
+    (lambda: RowBudget(0.0), r"fraction must be in \(0, 1\]"),
+    (lambda: RowBudget(1.5), r"fraction must be in \(0, 1\]"),
+    (lambda: RowBudget(True), "number of rows or a fraction"),
+    (lambda: RowBudget("half"), "number of rows or a fraction"),
+    (lambda: RowBudget(0.5, scope="all"), "scope must be total or table"),
+    (lambda: RowBudget(0.5, keep_whole=-1), "keep_whole"),
+    (lambda: BudgetPolicy(prune_interval=0), "prune_interval"),
+    (lambda: BudgetPolicy(prune_interval=1.5), "prune_interval"),
+    (lambda: BudgetPolicy(hysteresis=-0.1), "hysteresis"),
     (lambda: RowImportance({"ad": 5}, decay=1.0), r"decay must be in \[0, 1\)"),
     (lambda: RowImportance({"ad": 5}, decay=-0.5), r"decay must be in \[0, 1\)"),
 ])

@@ -45,16 +45,30 @@ def test_each_method_keeps_its_physical_size_and_learns(synthetic_data, method):
     cardinalities = dict(zip(synthetic_data.features.sparse,
                              synthetic_data.features.cardinalities, strict=True))
     physical = {name: row_map.physical_rows for name, row_map in loop.budget.maps.items()}
+    whole = {name for name, ids in cardinalities.items() if ids <= config.keep_whole}
+    assert whole and set(physical) == set(cardinalities) - whole
+    fallback = method != "hashing"
     for name, part in loop.parts.tables.items():
-        budget = max(1, cardinalities[name] // 2)
-        expected = budget + (method != "hashing")
-        assert part.weight.shape[0] == physical[name] == expected
-    assert {row["table_rows"] for row in rows} == {sum(physical.values())}
+        assert part.weight.shape[0] == physical.get(name, cardinalities[name])
+    owned = sum(physical.values()) - fallback * len(physical) + sum(
+        cardinalities[name] for name in whole)
+    assert sum(cardinalities.values()) // 2 - len(physical) <= owned <= sum(
+        cardinalities.values()) // 2  # a total budget of half the ids, rounded down per table
+    assert {row["table_rows"] for row in rows} == {owned + fallback * len(physical)}
     assert loop.last["auc"] > 0.58  # whole tables: 0.61
     summary = loop.embedding_rows()
-    assert summary["embedding_rows"] == sum(physical.values())
+    assert summary["embedding_rows"] == owned + fallback * len(physical)
     assert summary["embedding_rows_logical"] == sum(cardinalities.values())
-    assert (summary["embedding_method"], summary["embedding_budget"]) == (method, 0.5)
+    assert (summary["embedding_method"], summary["embedding_budget"],
+            summary["embedding_scope"]) == (method, 0.5, "total")
+
+
+def test_a_budget_per_table_budgets_each_table(synthetic_data):
+    config = EmbeddingBudgetConfig(method="frequency", budget=0.5, scope="table", keep_whole=0)
+    loop = _loop(synthetic_data, embeddings=config, rounds=1)
+    for name, ids in zip(synthetic_data.features.sparse, synthetic_data.features.cardinalities,
+                         strict=True):
+        assert loop.parts.tables[name].weight.shape[0] == max(1, ids // 2) + 1
 
 
 def test_local_tables_stay_whole_under_a_budget(synthetic_data):

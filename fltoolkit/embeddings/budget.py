@@ -8,7 +8,6 @@ a row an eviction freed: the table never holds more than its budget of rows.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -37,46 +36,25 @@ class Rebalance(NamedTuple):
 
 @dataclass(frozen=True)
 class BudgetPolicy:
-    """How many rows each table may hold and how it is pruned.
+    """When and how a table's rows are re-balanced (its rows: fltoolkit.embeddings.allocation).
 
     Attributes:
-        budget: rows per table: an int is a number of rows (1 .. the table's ids), a float a
-            fraction of the table's ids in (0, 1].
         prune_interval: rounds between rebalances.
         hysteresis: an id holding a row ranks with its score times (1 + hysteresis), so an
             evicted id must beat it by that margin to take its place (fewer swaps of ids whose
             scores are close, each of which resets a row).
     """
 
-    budget: int | float
     prune_interval: int = 1
     hysteresis: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.budget, bool) or not isinstance(self.budget, int | float):
-            raise ValueError(f"embeddings.budget must be a number of rows or a fraction, "
-                             f"got {self.budget!r}")
-        if isinstance(self.budget, int) and self.budget < 1:
-            raise ValueError(f"embeddings.budget must be at least 1 row, got {self.budget}")
-        if isinstance(self.budget, float) and not 0.0 < self.budget <= 1.0:
-            raise ValueError(f"embeddings.budget as a fraction must be in (0, 1], "
-                             f"got {self.budget}")
         if isinstance(self.prune_interval, bool) or not isinstance(self.prune_interval, int) \
                 or self.prune_interval < 1:
             raise ValueError(f"embeddings.prune_interval must be a whole number of rounds >= 1, "
                              f"got {self.prune_interval!r}")
         if not self.hysteresis >= 0.0:
             raise ValueError(f"embeddings.hysteresis must be >= 0, got {self.hysteresis}")
-
-    def rows(self, num_ids: int) -> int:
-        """The physical rows (the fallback aside) of a table of `num_ids` ids: a fraction is
-        rounded down (a budget is a ceiling), to at least one row."""
-        if isinstance(self.budget, float):  # rounded first: 0.29 * 100 is 28.999999999999996
-            return max(1, math.floor(round(self.budget * num_ids, 6)))
-        if self.budget > num_ids:
-            raise ValueError(f"embeddings.budget of {self.budget} rows exceeds a table of "
-                             f"{num_ids} ids")
-        return self.budget
 
     def due(self, round_index: int) -> bool:
         """Whether to rebalance after round `round_index` (0-based): after every

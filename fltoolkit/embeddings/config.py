@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from fltoolkit.embeddings.allocation import KEEP_WHOLE, RowBudget, Scope
 from fltoolkit.embeddings.budget import BudgetPolicy
 from fltoolkit.run.config import ConfigError, FederatedConfig
 
@@ -21,8 +22,13 @@ class EmbeddingBudgetConfig:
         method: `none` (whole tables, the default), `adaembed` (rows follow importance,
             re-balanced every `prune_interval` rounds), `frequency` (the ids most frequent in
             the training data keep rows) or `hashing` (ids hashed into the rows).
-        budget: rows per shared table: a fraction of its ids in (0, 1], or an int >= 1 of
-            rows. Pruning and frequency add one shared fallback row for the ids without one.
+        budget: rows ids may own: a fraction of the ids in (0, 1], or an int >= 1 of rows;
+            of all shared tables together or of each (`scope`). Pruning and frequency add
+            one shared fallback row per table for the ids without one.
+        scope: `total` (the default: one budget over all shared tables, split once in
+            proportion to their ids after the small tables are held whole) or `table`.
+        keep_whole: shared tables of at most this many ids are held whole, in either scope
+            (fltoolkit.embeddings.allocation says why); 0 budgets every table.
         prune_interval: adaembed: rounds between re-balances (also one after round 1, which
             fills the rows of a table that starts with every id on the fallback).
         decay: adaembed: the weight of the past in the importance's moving average, [0, 1).
@@ -34,6 +40,8 @@ class EmbeddingBudgetConfig:
 
     method: Method = "none"
     budget: int | float = 1.0
+    scope: Scope = "total"
+    keep_whole: int = KEEP_WHOLE
     prune_interval: int = 10
     decay: float = 0.99
     hysteresis: float = 0.0
@@ -42,7 +50,7 @@ class EmbeddingBudgetConfig:
         if self.method == "none" and self.budget != 1.0:
             raise ValueError(f"embeddings.budget {self.budget} is set but embeddings.method is "
                              "none: choose adaembed, frequency or hashing")
-        BudgetPolicy(self.budget, self.prune_interval, self.hysteresis)  # its own checks
+        self.row_budget(), self.policy()  # their own checks
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"embeddings.decay must be in [0, 1), got {self.decay}")
 
@@ -50,8 +58,11 @@ class EmbeddingBudgetConfig:
     def enabled(self) -> bool:
         return self.method != "none"
 
+    def row_budget(self) -> RowBudget:
+        return RowBudget(self.budget, self.scope, self.keep_whole)
+
     def policy(self) -> BudgetPolicy:
-        return BudgetPolicy(self.budget, self.prune_interval, self.hysteresis)
+        return BudgetPolicy(self.prune_interval, self.hysteresis)
 
     def check_run(self, federated: FederatedConfig, *, privacy: bool) -> None:
         """Refuse, in one line, what budgeted tables do not run with (yet)."""
@@ -69,10 +80,6 @@ class EmbeddingBudgetConfig:
                               "enabled is refused for now: the importance needs each client's "
                               "ids and each row's mean delta, which DP and secure aggregation "
                               "hide")
-        if federated.sharding != "none":
-            raise ConfigError(f"embeddings.method {self.method} with federated.sharding "
-                              f"{federated.sharding} is refused for now: budgeted tables are "
-                              "held whole")
         if self.method == "adaembed" and federated.keep_optimizer_state:
             raise ConfigError("embeddings.method adaembed with federated.keep_optimizer_state "
                               "is refused for now: a re-balanced row's kept client state "

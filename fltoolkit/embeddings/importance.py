@@ -81,14 +81,6 @@ class RowImportance:
         gain = signal.counts.double() * signal.norms.double() * (1.0 - self.decay)
         scores.index_add_(0, signal.ids, gain)
 
-    def normalized(self, table: str) -> Tensor:
-        """The table's scores over their mean (1 = an average id of that table), so scores of
-        tables of different sizes and gradient scales compare when one budget spans them;
-        all zeros before any id was touched."""
-        scores = self.scores[table]
-        mean = scores.mean() if len(scores) else scores.new_zeros(())
-        return scores / mean if bool(mean > 0) else torch.zeros_like(scores)
-
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay,
                 "scores": {name: scores.clone() for name, scores in self.scores.items()}}

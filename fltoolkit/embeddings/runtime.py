@@ -20,6 +20,7 @@ from fltoolkit.embeddings.baselines import frequency_map, hashed_map, training_c
 from fltoolkit.embeddings.budget import initialize_admitted
 from fltoolkit.embeddings.config import EmbeddingBudgetConfig
 from fltoolkit.embeddings.importance import RowImportance, round_signal
+from fltoolkit.embeddings.physical import table_budgets
 from fltoolkit.embeddings.row_map import RowMap
 from fltoolkit.run.config import ConfigError
 from fltoolkit.strategies.base import Strategy, weighted_row_sums
@@ -33,7 +34,8 @@ class BudgetedTables:
 
     Args:
         config: the embeddings section (method not none).
-        tables: the shared tables (recsys.parts), built with their physical rows.
+        tables: the shared tables (recsys.parts), built with their physical rows; those the
+            budget holds whole (fltoolkit.embeddings.allocation) get no map.
         cardinalities: the vocabulary of each sparse column (the data's FeatureSpec).
         train: the training ClientTable (frequency counts).
         seed: the run's seed (hashing).
@@ -47,11 +49,14 @@ class BudgetedTables:
     def __init__(self, config: EmbeddingBudgetConfig, tables: dict[str, TablePart],
                  cardinalities: list[int], train: ClientTable, seed: int) -> None:
         self.config, self.policy = config, config.policy()
+        sizes = {name: max(cardinalities[column] for column in part.columns)
+                 for name, part in tables.items()}
+        budgets = table_budgets(config, sizes)
+        self.whole_rows = sum(size for name, size in sizes.items() if name not in budgets)
         self.maps: dict[str, RowMap] = {}
-        self.columns = {name: part.columns for name, part in tables.items()}
-        for name, part in tables.items():
-            num_ids = max(cardinalities[column] for column in part.columns)
-            budget = self.policy.rows(num_ids)
+        self.columns = {name: tables[name].columns for name in budgets}
+        for name, budget in budgets.items():
+            part, num_ids = tables[name], sizes[name]
             if config.method == "adaembed":
                 row_map = RowMap.all_fallback(num_ids, budget)
             elif config.method == "frequency":
@@ -64,6 +69,10 @@ class BudgetedTables:
                                   f"budget gives it {row_map.physical_rows}: build the model "
                                   "with fltoolkit.embeddings.configure_budgeted_features")
             self.maps[name] = row_map
+        # what the row sums need of a table: its shape (a rank may hold none of it, sharding)
+        self.shapes = {name: torch.empty(self.maps[name].physical_rows,
+                                         tables[name].weight.shape[1], device="meta")
+                       for name in self.maps}
         self.importance = (RowImportance({n: m.num_ids for n, m in self.maps.items()},
                                          config.decay)
                            if config.method == "adaembed" else None)
@@ -80,24 +89,22 @@ class BudgetedTables:
         """Learn from the round (adaembed), re-balance when due; rounds.csv's columns."""
         evicted = admitted = 0
         if self.importance is not None:
-            self._observe(cohort, accepted, server_tables)
+            self._observe(cohort, accepted)
             if round_index == 1 or self.policy.due(round_index - 1):
                 evicted, admitted = self._rebalance(server_tables, strategy)
-        return {"table_rows": sum(m.physical_rows for m in self.maps.values()),
+        return {"table_rows": self.whole_rows + sum(m.physical_rows for m in self.maps.values()),
                 "rows_evicted": evicted, "rows_admitted": admitted}
 
-    def _observe(self, cohort: Cohort | None, accepted: list[ClientUpdate],
-                 server_tables: dict[str, Tensor]) -> None:
+    def _observe(self, cohort: Cohort | None, accepted: list[ClientUpdate]) -> None:
         """Every table's importance takes one round: the accepted clients' logical ids and the
         FedAvg mean delta of each physical row they trained (every score decays)."""
         slot_of = {client: slot for slot, client in enumerate(cohort.clients)} if cohort else {}
         slots = [slot_of[update.client] for update in accepted]
         sums = {}
         if accepted:
-            device = next(iter(server_tables.values())).device
-            weights = torch.tensor([float(u.num_samples) for u in accepted], device=device)
-            sums = weighted_row_sums(accepted, weights,
-                                     {name: server_tables[name] for name in self.maps})
+            weights = torch.tensor([float(u.num_samples) for u in accepted],
+                                   device=accepted[0].dense.device)
+            sums = weighted_row_sums(accepted, weights, self.shapes)
         for name, row_map in self.maps.items():
             touched = (cohort.logical_rows(name, slots) if slots
                        else torch.zeros(0, dtype=torch.int64))
@@ -108,13 +115,17 @@ class BudgetedTables:
 
     def _rebalance(self, server_tables: dict[str, Tensor], strategy: Strategy
                    ) -> tuple[int, int]:
-        """Re-balance every table; (ids evicted, ids admitted) over them."""
+        """Re-balance every table's map (the same on every rank: they see the same updates);
+        the admitted rows start from the fallback in the tables or shards this rank holds
+        (`server_tables`). (ids evicted, ids admitted) over the tables."""
         evicted = admitted = 0
         for name, row_map in self.maps.items():
             change = self.policy.rebalance(row_map, self.importance.scores[name])
-            rows = change.changed_rows.to(server_tables[name].device)
-            initialize_admitted(server_tables[name], change._replace(changed_rows=rows), row_map)
-            strategy.reset_rows(name, rows)
+            if name in server_tables:
+                rows = change.changed_rows.to(server_tables[name].device)
+                initialize_admitted(server_tables[name], change._replace(changed_rows=rows),
+                                    row_map)
+                strategy.reset_rows(name, rows)
             evicted, admitted = evicted + len(change.evicted), admitted + len(change.admitted)
         return evicted, admitted
 

@@ -26,7 +26,7 @@ import torch
 
 from datamodules.base import CTRDataModule, FeatureSpec
 from fltoolkit.embeddings.config import EmbeddingBudgetConfig
-from fltoolkit.embeddings.physical import configure_budgeted_features
+from fltoolkit.embeddings.physical import configure_budgeted_features, start_at_logical_scale
 from fltoolkit.loop import FederatedLoop, LoopHooks
 from fltoolkit.privacy.plan import PrivacyPlan
 from fltoolkit.reports.build import build_run_report
@@ -172,6 +172,9 @@ def build_model(model: L.LightningModule, features: FeatureSpec, sharding: str, 
         configure_budgeted_features(model, features, embeddings or EmbeddingBudgetConfig(),
                                     local_tables or [])
     sharded = shard_module_tables(model, sharding) if sharding != "none" else None
+    if sharded is not None and embeddings is not None:  # the shards hold TorchRec's draw
+        start_at_logical_scale({name: shard for name, (_, shard) in sharded.owned().items()},
+                               features, embeddings, local_tables or [])
     ranks.broadcast_module(model)
     return sharded
 
