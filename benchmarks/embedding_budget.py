@@ -5,8 +5,9 @@ synthetic Criteo (`experiments/criteo.yaml`).
 Each (dataset, method, budget) is one run of the experiment with `--embeddings.method M
 --embeddings.budget B` (a fraction of all shared tables' rows, the default total scope:
 tables of at most 128 ids whole, the rest split by ids, the same split for every method);
-budget 1.0 is the full tables (`method none`). Reported per run: validation and test AUC, the embedding rows the
-server holds (and their megabytes at 4 bytes per value), and the bytes uploaded per round.
+budget 1.0 is the full tables (`method none`). Reported per run: validation and test AUC,
+the embedding rows the server holds (and their megabytes at 4 bytes per value), and the
+bytes uploaded per round.
 Two runs at a time, one process and one thread each; only AUC, sizes and bytes are compared.
 
 Usage: python benchmarks/embedding_budget.py [--budgets 0.5 0.25 0.1]

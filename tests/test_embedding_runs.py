@@ -99,6 +99,22 @@ def test_adaembed_rebalances_and_admits_an_id_that_becomes_important(synthetic_d
     assert float(moments["m"][row].abs().sum()) == 0.0  # the server's moments start afresh
 
 
+def test_budgeted_rounds_train_alike_vectorized_and_sequential(synthetic_data):
+    config = EmbeddingBudgetConfig(method="adaembed", budget=0.25, prune_interval=2)
+    runs = [_loop(synthetic_data, rounds=4, embeddings=config, vectorize=vectorize)
+            for vectorize in (True, False)]
+    for loop in runs:
+        loop.run()
+    together, alone = runs
+    assert type(together.trainer).__name__ == "VectorizedTrainer"
+    for name, row_map in together.budget.maps.items():
+        assert torch.equal(row_map.logical_to_physical,
+                           alone.budget.maps[name].logical_to_physical)
+    expected, got = _state(alone.module), _state(together.module)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4)
+
+
 def test_a_resumed_budgeted_run_is_the_uninterrupted_one(synthetic_data):
     config = EmbeddingBudgetConfig(method="adaembed", budget=0.5, prune_interval=2)
     whole = _loop(synthetic_data, rounds=4, embeddings=config, strategy=FedAdam(server_lr=0.05))
