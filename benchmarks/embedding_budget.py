@@ -3,15 +3,16 @@ threshold and the hashing trick at the same budget, on the default Taobao experi
 synthetic Criteo (`experiments/criteo.yaml`).
 
 Each (dataset, method, budget) is one run of the experiment with `--embeddings.method M
---embeddings.budget B` (a fraction of all shared tables' rows, the default total scope:
+--embeddings.budget B`, B a fraction of all shared tables' rows (the default total scope:
 tables of at most 128 ids whole, the rest split by ids, the same split for every method);
-budget 1.0 is the full tables (`method none`). Reported per run: validation and test AUC,
-the embedding rows the server holds (and their megabytes at 4 bytes per value), and the
-bytes uploaded per round.
-Two runs at a time, one process and one thread each; only AUC, sizes and bytes are compared.
+`adaembed_counts` is adaembed with `--embeddings.start counts` (from the frequency
+threshold's rows); budget 1.0 is the full tables (`method none`). Reported per run:
+validation and test AUC, the embedding rows the server holds (and their megabytes at 4
+bytes per value), and the bytes uploaded per round. Two runs at a time, one process and one
+thread each; only AUC, sizes and bytes are compared.
 
 Usage: python benchmarks/embedding_budget.py [--budgets 0.5 0.25 0.1]
-    [--datasets taobao criteo] [--methods adaembed frequency hashing] [--full true]
+    [--datasets taobao criteo] [--methods adaembed adaembed_counts frequency hashing] [--full true]
     [--rounds N]
 Prints a row per run and JSON on the last line.
 """
@@ -31,7 +32,12 @@ import yaml
 from figures import print_figures
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-METHODS = ("adaembed", "frequency", "hashing")
+METHODS = ("adaembed", "adaembed_counts", "frequency", "hashing")
+# each method's options; adaembed_counts: pruning started from the frequency threshold's rows
+OPTIONS = {"adaembed": ["--embeddings.method", "adaembed"],
+           "adaembed_counts": ["--embeddings.method", "adaembed", "--embeddings.start", "counts"],
+           "frequency": ["--embeddings.method", "frequency"],
+           "hashing": ["--embeddings.method", "hashing"]}
 BYTES_PER_VALUE = 4
 
 
@@ -41,8 +47,8 @@ def _runs(args: argparse.Namespace) -> dict[str, list[str]]:
              for dataset in args.datasets} if args.full else {})
     for dataset, method, budget in product(args.datasets, args.methods, args.budgets):
         runs[f"{dataset}_{method}_{budget:g}"] = [
-            "--experiment", str(EXPERIMENTS / f"{dataset}.yaml"),
-            "--embeddings.method", method, "--embeddings.budget", str(budget)]
+            "--experiment", str(EXPERIMENTS / f"{dataset}.yaml"), *OPTIONS[method],
+            "--embeddings.budget", str(budget)]
     if args.rounds:
         for options in runs.values():
             options += ["--federated.rounds", str(args.rounds),

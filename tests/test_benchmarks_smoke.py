@@ -69,9 +69,9 @@ def test_embedding_budget_runs_every_method_and_reports_sizes(monkeypatch, capsy
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == {"benchmark": "embedding_budget", **figures}
     runs = figures["runs"]
-    assert list(runs) == ["taobao_full", "taobao_adaembed_0.5", "taobao_frequency_0.5",
-                          "taobao_hashing_0.5"]
+    assert list(runs) == ["taobao_full", "taobao_adaembed_0.5", "taobao_adaembed_counts_0.5",
+                          "taobao_frequency_0.5", "taobao_hashing_0.5"]
     full = runs["taobao_full"]["embedding_rows"]
     assert full == runs["taobao_full"]["embedding_rows_logical"]
-    for name in list(runs)[1:]:  # about half the rows: B = half of each table, + 1 fallback
+    for name in list(runs)[1:]:  # about half the rows, + 1 fallback per budgeted table
         assert 0.45 * full < runs[name]["embedding_rows"] < 0.55 * full, name

@@ -55,6 +55,16 @@ def test_importance_is_a_moving_average_of_clients_times_norm():
     assert importance.scores["user"].tolist() == [0.0, 0.0, 0.0]
 
 
+def test_importance_by_clients_alone_drops_the_norm():
+    # decay 0.5, gains = clients: (2, 0, 1, 3, 0), then (0, 2, 1, 0, 0), then (0, 0, 0, 2, 0)
+    importance = RowImportance({"ad": 5}, decay=0.5, signal="clients")
+    expected = [[1.0, 0.0, 0.5, 1.5, 0.0], [0.5, 1.0, 0.75, 0.75, 0.0],
+                [0.25, 0.5, 0.375, 1.375, 0.0]]
+    for signal, scores in zip(ROUNDS, expected, strict=True):
+        importance.update("ad", signal)
+        assert _scores(importance) == scores
+
+
 def test_an_untouched_round_only_decays():
     importance = RowImportance({"ad": 5}, decay=0.5)
     importance.update("ad", ROUNDS[0])
@@ -255,6 +265,7 @@ def test_a_row_map_refuses_invalid_rows():
     (lambda: BudgetPolicy(prune_interval=1.5), "prune_interval"),
     (lambda: BudgetPolicy(hysteresis=-0.1), "hysteresis"),
     (lambda: RowImportance({"ad": 5}, decay=1.0), r"decay must be in \[0, 1\)"),
+    (lambda: RowImportance({"ad": 5}, decay=0.5, signal="norm"), "clients_x_norm or clients"),
     (lambda: RowImportance({"ad": 5}, decay=-0.5), r"decay must be in \[0, 1\)"),
 ])
 def test_bad_settings_fail_in_one_line(make, message):

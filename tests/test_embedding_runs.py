@@ -5,6 +5,7 @@ re-balances, a resumed run is the uninterrupted one, and what is not supported i
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -97,6 +98,19 @@ def test_adaembed_rebalances_and_admits_an_id_that_becomes_important(synthetic_d
     assert torch.equal(weight[row], weight[row_map.fallback])  # starts as the fallback
     moments = loop.strategy.moments["adgroup_id"]
     assert float(moments["m"][row].abs().sum()) == 0.0  # the server's moments start afresh
+
+
+def test_adaembed_from_counts_starts_at_the_frequency_rows_and_rebalances_when_due(
+        synthetic_data):
+    counts = EmbeddingBudgetConfig(method="adaembed", budget=0.25, prune_interval=2,
+                                   start="counts")
+    frequency = _loop(synthetic_data, rounds=1, embeddings=replace(counts, method="frequency"))
+    loop = _loop(synthetic_data, rounds=4, embeddings=counts)
+    for name, row_map in loop.budget.maps.items():
+        assert torch.equal(row_map.logical_to_physical,
+                           frequency.budget.maps[name].logical_to_physical)
+    rows = _rounds(loop)
+    assert [row["rows_admitted"] > 0 for row in rows] == [False, True, False, True]
 
 
 def test_budgeted_rounds_train_alike_vectorized_and_sequential(synthetic_data):

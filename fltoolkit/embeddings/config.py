@@ -9,9 +9,11 @@ from typing import Literal
 
 from fltoolkit.embeddings.allocation import KEEP_WHOLE, RowBudget, Scope
 from fltoolkit.embeddings.budget import BudgetPolicy
+from fltoolkit.embeddings.importance import RowImportance, Signal
 from fltoolkit.run.config import ConfigError, FederatedConfig
 
 Method = Literal["none", "adaembed", "frequency", "hashing"]
+Start = Literal["fallback", "counts"]
 
 
 @dataclass
@@ -29,13 +31,20 @@ class EmbeddingBudgetConfig:
             proportion to their ids after the small tables are held whole) or `table`.
         keep_whole: shared tables of at most this many ids are held whole, in either scope
             (fltoolkit.embeddings.allocation says why); 0 budgets every table.
-        prune_interval: adaembed: rounds between re-balances (also one after round 1, which
-            fills the rows of a table that starts with every id on the fallback).
+        prune_interval: adaembed: rounds between re-balances (from the fallback start, also
+            one after round 1, which fills the rows of a table that starts with every id on
+            the fallback).
         decay: adaembed: the weight of the past in the importance's moving average, [0, 1).
             Per round: a client returns hundreds of rounds later, so the memory must be long
-            (validation AUC at half the rows, default experiment: 0.7361 / 0.7406 / 0.7519 /
-            0.7469 with 0.9 / 0.95 / 0.99 / 0.999).
+            (validation AUC at half the rows of every table, default experiment: 0.7361 /
+            0.7406 / 0.7519 / 0.7469 with 0.9 / 0.95 / 0.99 / 0.999).
         hysteresis: adaembed: how much an id holding a row is favoured when ranking (>= 0).
+        importance: adaembed: what a touched id gains per round, `clients_x_norm` (AdaEmbed's
+            use times movement) or `clients` (fltoolkit.embeddings.importance says when).
+        start: adaembed: `fallback` (every id on the fallback: the server knows no id before
+            clients report them) or `counts` (the frequency threshold's rows: the training
+            data's per-id counts, which a deployment would gather as a federated histogram
+            before training, so pruning and the threshold start from the same information).
     """
 
     method: Method = "none"
@@ -45,14 +54,17 @@ class EmbeddingBudgetConfig:
     prune_interval: int = 10
     decay: float = 0.99
     hysteresis: float = 0.0
+    importance: Signal = "clients_x_norm"
+    start: Start = "fallback"
 
     def __post_init__(self) -> None:
         if self.method == "none" and self.budget != 1.0:
             raise ValueError(f"embeddings.budget {self.budget} is set but embeddings.method is "
                              "none: choose adaembed, frequency or hashing")
+        if self.start not in ("fallback", "counts"):
+            raise ValueError(f"embeddings.start must be fallback or counts, got {self.start!r}")
         self.row_budget(), self.policy()  # their own checks
-        if not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"embeddings.decay must be in [0, 1), got {self.decay}")
+        RowImportance({}, self.decay, self.importance)
 
     @property
     def enabled(self) -> bool:

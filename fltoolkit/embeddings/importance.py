@@ -7,10 +7,15 @@ moves its row, as a moving average:
 
 with, per round and table, count_t(id) the number of the round's aggregated clients whose
 data touched the id, and delta_t the row's aggregated (FedAvg mean) delta: the row sum over
-its sum of weights. Every id has a score, evicted ones too, so an id whose use grows can
-overtake a kept one and get a row back; an untouched id's score only decays. An evicted id
-trains the shared fallback row, so its norm is the fallback's: all the server can tell it by
-is how many clients touch it.
+its sum of weights (`clients_x_norm`, the default). Every id has a score, evicted ones too,
+so an id whose use grows can overtake a kept one and get a row back; an untouched id's score
+only decays. An evicted id trains the shared fallback row, so its norm is the fallback's:
+all the server can tell it by is how many clients touch it. `clients` drops the norm and
+scores by the clients alone: where most clients touch most common ids (IID clients of many
+rows, synthetic Criteo) the fallback's norm, not the id, then decides which evicted id
+returns, and the counts alone ranked ids better (validation AUC at a quarter of the rows
+0.7516 vs 0.7465); where clients touch few ids each (Taobao users) the norm helped (0.7767
+vs 0.7787).
 
 Counting clients, not samples, is deliberate: the set of ids each client touched is exactly
 what the row ids of its update already reveal with whole tables (one id per row uploaded), so
@@ -21,13 +26,15 @@ whole tables would have revealed, and no more. Per-id sample counts would be new
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from fltoolkit.embeddings.row_map import RowMap
 from fltoolkit.strategies.base import RowSum
+
+Signal = Literal["clients_x_norm", "clients"]
 
 
 class RoundSignal(NamedTuple):
@@ -64,21 +71,29 @@ class RowImportance:
         sizes: table name -> its number of logical ids.
         decay: the weight of the past in the moving average, in [0, 1): 0 keeps only the
             last round, values near 1 remember long.
+        signal: what a touched id gains per round: clients x norm, or clients alone.
     """
 
-    def __init__(self, sizes: dict[str, int], decay: float) -> None:
+    def __init__(self, sizes: dict[str, int], decay: float,
+                 signal: Signal = "clients_x_norm") -> None:
+        if signal not in ("clients_x_norm", "clients"):
+            raise ValueError(f"embeddings.importance must be clients_x_norm or clients, "
+                             f"got {signal!r}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"embeddings.decay must be in [0, 1), got {decay}")
-        self.decay = decay
+        self.decay, self.signal = decay, signal
         self.scores = {name: torch.zeros(size, dtype=torch.float64)
                        for name, size in sizes.items()}
 
     def update(self, table: str, signal: RoundSignal) -> None:
-        """One round of `table`: every score decays, the touched ids gain count x norm.
-        Called once per round for every table, touched or not, so all decay alike."""
+        """One round of `table`: every score decays, the touched ids gain count x norm (or
+        count). Called once per round for every table, touched or not, so all decay alike."""
         scores = self.scores[table]
         scores.mul_(self.decay)
-        gain = signal.counts.double() * signal.norms.double() * (1.0 - self.decay)
+        gain = signal.counts.double()
+        if self.signal == "clients_x_norm":
+            gain = gain * signal.norms.double()
+        gain = gain * (1.0 - self.decay)
         scores.index_add_(0, signal.ids, gain)
 
     def state_dict(self) -> dict[str, Any]:

@@ -40,10 +40,11 @@ class BudgetedTables:
         train: the training ClientTable (frequency counts).
         seed: the run's seed (hashing).
 
-    Adaembed starts with every id on the fallback row: the server knows nothing of the ids
-    before clients report them, and the frequency map would hand it the training data's
-    per-id counts, which no client sends. The first re-balance, after round 1, then gives
-    rows to the ids the first cohort touched.
+    Adaembed starts with every id on the fallback row by default: the server knows nothing of
+    the ids before clients report them, and the frequency map would hand it the training
+    data's per-id counts, which no client sends. The first re-balance, after round 1, then
+    gives rows to the ids the first cohort touched. `start: counts` starts it from the
+    frequency map instead (and re-balances only when due).
     """
 
     def __init__(self, config: EmbeddingBudgetConfig, tables: dict[str, TablePart],
@@ -57,9 +58,9 @@ class BudgetedTables:
         self.columns = {name: tables[name].columns for name in budgets}
         for name, budget in budgets.items():
             part, num_ids = tables[name], sizes[name]
-            if config.method == "adaembed":
+            if config.method == "adaembed" and config.start == "fallback":
                 row_map = RowMap.all_fallback(num_ids, budget)
-            elif config.method == "frequency":
+            elif config.method in ("adaembed", "frequency"):
                 row_map = frequency_map(training_counts(train.sparse, part.columns, num_ids),
                                         budget)
             else:
@@ -74,7 +75,7 @@ class BudgetedTables:
                                          tables[name].weight.shape[1], device="meta")
                        for name in self.maps}
         self.importance = (RowImportance({n: m.num_ids for n, m in self.maps.items()},
-                                         config.decay)
+                                         config.decay, config.importance)
                            if config.method == "adaembed" else None)
 
     def mapped(self, split: ClientTable) -> ClientTable:
@@ -90,7 +91,8 @@ class BudgetedTables:
         evicted = admitted = 0
         if self.importance is not None:
             self._observe(cohort, accepted)
-            if round_index == 1 or self.policy.due(round_index - 1):
+            cold = round_index == 1 and self.config.start == "fallback"
+            if cold or self.policy.due(round_index - 1):
                 evicted, admitted = self._rebalance(server_tables, strategy)
         return {"table_rows": self.whole_rows + sum(m.physical_rows for m in self.maps.values()),
                 "rows_evicted": evicted, "rows_admitted": admitted}
