@@ -119,20 +119,25 @@ def test_sharded_tables_give_the_metrics_of_whole_ones(tmp_path):
 def test_budgeted_sharded_tables_give_the_metrics_of_whole_ones(tmp_path):
     """AdaEmbed-style pruning under a total budget on 2 ranks, table- and column-wise: every
     rank re-balances the same maps from the same updates and starts the admitted rows in the
-    shards it holds, so the run is the one process's."""
+    shards it holds, so the run is the one process's; the table-wise run is stopped after a
+    checkpoint and resumed (maps and importance from the checkpoint, rows from the shards)."""
     args = _args(tmp_path, "one")
     at = args.index("--federated.local_tables")
     del args[at:at + 2]
-    args += ["--federated.keep_optimizer_state", "false", "--federated.rounds", "4",
-             "--embeddings.method", "adaembed", "--embeddings.budget", "0.25",
-             "--embeddings.prune_interval", "2"]
+    args += ["--federated.keep_optimizer_state", "false", "--federated.rounds", "10",
+             "--federated.checkpoint_interval", "1", "--embeddings.method", "adaembed",
+             "--embeddings.budget", "0.25", "--embeddings.prune_interval", "2"]
     assert main(args) == 0
     one = _metrics(tmp_path / "one")
     with (tmp_path / "one" / "rounds.csv").open() as f:
         assert sum(int(row["rows_evicted"]) for row in csv.DictReader(f)) > 0
     for sharding in ("table_wise", "column_wise"):
         run = tmp_path / sharding
-        launched = _launch([*args, "--federated.sharding", sharding, "--run_dir", str(run)], 2)
+        sharded = [*args, "--federated.sharding", sharding, "--run_dir", str(run)]
+        if sharding == "table_wise":
+            _stop_after_a_checkpoint(sharded, run)
+            sharded += ["--resume", str(run)]
+        launched = _launch(sharded, 2)
         assert launched.returncode == 0, launched.stderr[-3000:]
         _assert_same_metrics(one, _metrics(run))
 
