@@ -87,23 +87,14 @@ def test_sharded_tables_give_the_metrics_of_whole_ones(tmp_path):
     row moments live with the shards too); the table-wise run is stopped with SIGINT after a
     checkpoint and resumed from its per-rank shard files. The final shards put together are
     the tables."""
-    args = _args(tmp_path, "one")
-    at = args.index("--federated.local_tables")
-    del args[at:at + 2]  # every table on the server
-    args += ["--federated.rounds", "10", "--federated.checkpoint_interval", "1"]
+    args = _server_tables_args(tmp_path)
     assert main(args) == 0
     one = _metrics(tmp_path / "one")
+    assert len(one) == 10
     whole = torch.load(tmp_path / "one" / "checkpoints" / "final.pt", weights_only=True)
     for sharding in ("table_wise", "column_wise"):
         run = tmp_path / sharding
-        sharded = [*args, "--federated.sharding", sharding, "--run_dir", str(run)]
-        if sharding == "table_wise":
-            _stop_after_a_checkpoint(sharded, run)
-            sharded += ["--resume", str(run)]
-        launched = _launch(sharded, 2)
-        assert launched.returncode == 0, launched.stderr[-3000:]
-        assert len(one) == 10
-        _assert_same_metrics(one, _metrics(run))
+        _assert_same_metrics(one, _sharded_run(args, run, sharding))
         assert _summary(run)["model_parameters"] == _summary(tmp_path / "one")["model_parameters"]
         dense = torch.load(run / "checkpoints" / "final.pt", weights_only=True)
         assert dense.keys() == {k for k in whole if ".embedding_bags." not in k}
@@ -121,25 +112,36 @@ def test_budgeted_sharded_tables_give_the_metrics_of_whole_ones(tmp_path):
     rank re-balances the same maps from the same updates and starts the admitted rows in the
     shards it holds, so the run is the one process's; the table-wise run is stopped after a
     checkpoint and resumed (maps and importance from the checkpoint, rows from the shards)."""
-    args = _args(tmp_path, "one")
-    at = args.index("--federated.local_tables")
-    del args[at:at + 2]
-    args += ["--federated.keep_optimizer_state", "false", "--federated.rounds", "10",
-             "--federated.checkpoint_interval", "1", "--embeddings.method", "adaembed",
-             "--embeddings.budget", "0.25", "--embeddings.prune_interval", "2"]
+    args = _server_tables_args(tmp_path, "--federated.keep_optimizer_state", "false",
+                               "--embeddings.method", "adaembed", "--embeddings.budget", "0.25",
+                               "--embeddings.prune_interval", "2")
     assert main(args) == 0
     one = _metrics(tmp_path / "one")
     with (tmp_path / "one" / "rounds.csv").open() as f:
         assert sum(int(row["rows_evicted"]) for row in csv.DictReader(f)) > 0
     for sharding in ("table_wise", "column_wise"):
-        run = tmp_path / sharding
-        sharded = [*args, "--federated.sharding", sharding, "--run_dir", str(run)]
-        if sharding == "table_wise":
-            _stop_after_a_checkpoint(sharded, run)
-            sharded += ["--resume", str(run)]
-        launched = _launch(sharded, 2)
-        assert launched.returncode == 0, launched.stderr[-3000:]
-        _assert_same_metrics(one, _metrics(run))
+        _assert_same_metrics(one, _sharded_run(args, tmp_path / sharding, sharding))
+
+
+def _server_tables_args(tmp_path: Path, *extra: str) -> list[str]:
+    """The one-process run of the sharding tests: every table on the server, 10 rounds, a
+    checkpoint after each (so a 2-rank run can be stopped and resumed), then `extra`."""
+    args = _args(tmp_path, "one")
+    at = args.index("--federated.local_tables")
+    del args[at:at + 2]
+    return [*args, "--federated.rounds", "10", "--federated.checkpoint_interval", "1", *extra]
+
+
+def _sharded_run(args: list[str], run: Path, sharding: str) -> list[dict[str, str]]:
+    """`args` on 2 ranks with `sharding` into `run` (table-wise: stopped with SIGINT after a
+    checkpoint, then resumed from it); its metrics."""
+    sharded = [*args, "--federated.sharding", sharding, "--run_dir", str(run)]
+    if sharding == "table_wise":
+        _stop_after_a_checkpoint(sharded, run)
+        sharded += ["--resume", str(run)]
+    launched = _launch(sharded, 2)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    return _metrics(run)
 
 
 def _assert_same_metrics(one: list[dict[str, str]], other: list[dict[str, str]],
