@@ -228,8 +228,7 @@ class CohortPlanner:
             unique, inverse = torch.unique(keys, return_inverse=True)
             if row_map is not None:  # (slot, logical id) -> (slot, physical row)
                 logical_ids[name] = unique % vocab
-                logical_segments[name] = torch.searchsorted(
-                    unique, torch.arange(len(clients) + 1) * vocab).tolist()
+                logical_segments[name] = _client_bounds(unique, len(clients), vocab)
                 physical = (unique // vocab) * row_map.physical_rows + row_map.lookup(
                     unique % vocab)
                 vocab = row_map.physical_rows
@@ -237,8 +236,7 @@ class CohortPlanner:
                 inverse = to_physical[inverse]
             remapped[:, part.columns] = inverse
             row_ids[name] = unique % vocab
-            segments[name] = torch.searchsorted(
-                unique, torch.arange(len(clients) + 1) * vocab).tolist()
+            segments[name] = _client_bounds(unique, len(clients), vocab)
         own = self._own_bytes(len(clients), segments)
         uploads = self.uploads(PlannedUploads(own, self.dense_size,
                                               {name: row_ids[name] for name in self.uploaded},
@@ -261,3 +259,8 @@ class CohortPlanner:
 def client_seed(seed: int, round_index: int, client: int) -> int:
     """A client's batch-order seed: independent of the order in which clients train."""
     return int(np.random.SeedSequence([seed, round_index, client]).generate_state(1)[0])
+
+
+def _client_bounds(keys: Tensor, num_clients: int, vocab: int) -> list[int]:
+    """The C + 1 bounds of each client's part of sorted `keys` (slot * vocab + id)."""
+    return torch.searchsorted(keys, torch.arange(num_clients + 1) * vocab).tolist()
